@@ -1,0 +1,29 @@
+"""Manifold entropic metrics as pure functions of decoder Jacobians (or their Gram matrices)."""
+
+from lightning_mem.functional.manifold import (
+    entropy_spectrum,
+    manifold_cross_mutual_information,
+    manifold_entropy,
+    manifold_pairwise_mutual_information,
+    manifold_total_correlation,
+)
+from lightning_mem.functional.statistics import (
+    DEFAULT_ACTIVE_THRESHOLD,
+    DEFAULT_EPS,
+    STANDARD_NORMAL_ENTROPY,
+    jacobian_gram,
+    num_active_latents,
+)
+
+__all__ = [
+    "DEFAULT_ACTIVE_THRESHOLD",
+    "DEFAULT_EPS",
+    "STANDARD_NORMAL_ENTROPY",
+    "entropy_spectrum",
+    "jacobian_gram",
+    "manifold_cross_mutual_information",
+    "manifold_entropy",
+    "manifold_pairwise_mutual_information",
+    "manifold_total_correlation",
+    "num_active_latents",
+]

@@ -1,0 +1,343 @@
+"""Summable per-batch statistics of decoder Gram matrices, and the metric values finished from them.
+
+Every manifold entropic metric is an average over samples of a few per-sample quantities of the Gram matrix
+``G = J^T J``. :func:`gram_statistics` turns one batch into float64 *sums* of those quantities (plus a count), one
+row per class; sums of batches, or of processes, finish into exactly the same values as one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_ACTIVE_THRESHOLD",
+    "DEFAULT_EPS",
+    "STANDARD_NORMAL_ENTROPY",
+    "CrossStatistics",
+    "GramStatistics",
+    "check_gram",
+    "check_jacobian",
+    "cross_statistics",
+    "finish_cross_mutual_information",
+    "finish_entropy",
+    "finish_pairwise_mutual_information",
+    "finish_total_correlation",
+    "gram_statistics",
+    "jacobian_gram",
+    "num_active_latents",
+]
+
+STANDARD_NORMAL_ENTROPY = 0.5 * (1.0 + math.log(2.0 * math.pi))
+"""Differential entropy of a standard normal latent, :math:`h_0 = (1 + \\log 2\\pi)/2` nats per dimension."""
+
+DEFAULT_EPS = 1e-12
+"""Floor on the squared column norm :math:`G_{ii}` (column norm 1e-6): below it a latent counts as inactive."""
+
+DEFAULT_ACTIVE_THRESHOLD = 1e-2
+"""A latent is *active* when :math:`\\exp(H_i - h_0)`, the geometric-mean norm of its decoder column, exceeds this."""
+
+_MIN_DECORRELATION = torch.finfo(torch.float64).eps
+"""Floor on :math:`1 - \\rho_{ij}^2`: collinear columns give a large but finite pairwise mutual information."""
+
+
+class GramStatistics(NamedTuple):
+    """Float64 sums over samples, one row per class (a single row without classes)."""
+
+    count: Tensor  # (K,) number of samples
+    log_diag: Tensor  # (K, d) sum of log max(G_ii, eps)
+    log_det: Tensor  # (K,) sum of log det G (Cholesky pivots floored at eps)
+    pairwise: Tensor  # (K, d, d) sum of -1/2 log(1 - rho_ij^2), zero diagonal
+    num_inactive: Tensor  # (K, d) samples whose G_ii <= eps
+    num_fallback: Tensor  # (K,) samples whose Cholesky factorisation failed (eigenvalue fallback)
+
+
+class CrossStatistics(NamedTuple):
+    """Float64 sums over samples of the cross terms between a model and a reference decoder."""
+
+    count: Tensor  # (K,)
+    pairwise: Tensor  # (K, d, d_ref) sum of -1/2 log(1 - rho_ij^2), rho between model column i and reference column j
+
+
+def check_jacobian(jacobian: Tensor, name: str = "jacobian", latent_dim: int | None = None) -> Tensor:
+    """Validate a ``(N, *output_shape, d)`` Jacobian and return it flattened to ``(N, D, d)``."""
+    if not isinstance(jacobian, Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(jacobian).__name__}.")
+    if not jacobian.is_floating_point():
+        raise TypeError(f"Expected `{name}` to be a floating point tensor, but got dtype {jacobian.dtype}.")
+    expected_d = "d" if latent_dim is None else f"d == {latent_dim}"
+    if jacobian.ndim < 3:
+        raise ValueError(f"Expected `{name}` of shape (N, *output_shape, {expected_d}), but got {tuple(jacobian.shape)}.")
+    if latent_dim is not None and jacobian.shape[-1] != latent_dim:
+        raise ValueError(f"Expected `{name}` of shape (N, *output_shape, {expected_d}), but got {tuple(jacobian.shape)}.")
+    if jacobian.shape[0] == 0 or jacobian.shape[-1] == 0 or jacobian[0].numel() == 0:
+        raise ValueError(f"Expected `{name}` with at least one sample, output and latent dim, but got shape {tuple(jacobian.shape)}.")
+    _check_finite(jacobian, name)
+    return jacobian.reshape(jacobian.shape[0], -1, jacobian.shape[-1])
+
+
+def check_gram(gram: Tensor, name: str = "gram", latent_dim: int | None = None) -> Tensor:
+    """Validate a ``(N, d, d)`` batch of Gram matrices."""
+    if not isinstance(gram, Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(gram).__name__}.")
+    if not gram.is_floating_point():
+        raise TypeError(f"Expected `{name}` to be a floating point tensor, but got dtype {gram.dtype}.")
+    d = gram.shape[-1] if gram.ndim else 0
+    ok = gram.ndim == 3 and gram.shape[1] == d and (latent_dim is None or d == latent_dim)
+    if not ok:
+        expected = "d, d" if latent_dim is None else f"{latent_dim}, {latent_dim}"
+        raise ValueError(f"Expected `{name}` of shape (N, {expected}), but got {tuple(gram.shape)}.")
+    if gram.shape[0] == 0 or d == 0:
+        raise ValueError(f"Expected `{name}` with at least one sample and one latent dim, but got shape {tuple(gram.shape)}.")
+    _check_finite(gram, name)
+    return gram
+
+
+def _check_finite(tensor: Tensor, name: str) -> None:
+    bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+    if bad.any():
+        raise ValueError(
+            f"Expected `{name}` to be finite, but {int(bad.sum())} of {tensor.shape[0]} samples hold NaN or inf "
+            f"(first at sample {int(bad.nonzero()[0])})."
+        )
+
+
+def _check_scale(scale: Tensor | float, name: str, numel: int | None = None) -> Tensor:
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    if numel is not None and scale.numel() != numel:
+        raise ValueError(f"Expected `{name}` with {numel} entries, but got shape {tuple(scale.shape)}.")
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(
+            f"Expected `{name}` to be positive and finite, but got {scale if scale.numel() < 8 else 'entries outside (0, inf)'}."
+        )
+    return scale
+
+
+def jacobian_gram(jacobian: Tensor, *, std: Tensor | float | None = None, sigma: Tensor | None = None) -> Tensor:
+    r"""Per-sample Gram matrices :math:`G = J^\top J` in float64, with optional data and latent scaling.
+
+    Args:
+        jacobian: ``(N, *output_shape, d)``.
+        std: data scale, so that the metrics are in original data units when the decoder outputs standardized
+            data ``x' = (x - mean) / std``: a scalar, or per output entry (shape ``output_shape`` or ``(D,)``).
+            Column :math:`J_i` becomes :math:`\mathrm{std} \odot J_i`.
+        sigma: latent scale, shape ``(d,)``: for a prior :math:`N(\mu, \mathrm{diag}(\sigma^2))`, column ``i`` is
+            multiplied by ``sigma[i]`` (metrics w.r.t. the standard-normal noise).
+
+    Returns:
+        ``(N, d, d)`` float64.
+
+    Example:
+        >>> jacobian_gram(torch.tensor([[[1.0, 0.0], [1.0, 2.0]]]), std=2.0)
+        tensor([[[ 8.,  8.],
+                 [ 8., 16.]]], dtype=torch.float64)
+    """
+    flat = check_jacobian(jacobian)
+    big_d = flat.shape[1]
+    flat = flat.to(torch.float64)
+    scalar_std = None
+    if std is not None:
+        std = torch.as_tensor(std)
+        if std.numel() == 1:
+            scalar_std = _check_scale(std, "std").reshape(())
+        else:
+            if tuple(std.shape) not in (tuple(jacobian.shape[1:-1]), (big_d,)):
+                raise ValueError(
+                    f"Expected `std` to be a scalar or of shape {tuple(jacobian.shape[1:-1])} (the output shape) or ({big_d},), "
+                    f"but got {tuple(std.shape)}."
+                )
+            flat = flat * _check_scale(std, "std").to(flat.device).reshape(1, big_d, 1)
+    gram = flat.mT @ flat
+    if scalar_std is not None:
+        gram = gram * scalar_std.to(gram.device) ** 2
+    return _scale_latents(gram, sigma)
+
+
+def _scale_latents(gram: Tensor, sigma: Tensor | None, name: str = "sigma") -> Tensor:
+    if sigma is None:
+        return gram
+    sigma = _check_scale(sigma, name, gram.shape[-1]).to(gram.device).reshape(-1)
+    return gram * (sigma[:, None] * sigma[None, :])
+
+
+def _class_rows(labels: Tensor | None, num_classes: int | None, n: int, device: torch.device) -> tuple[Tensor, int]:
+    """Row index of every sample and the number of rows (1 without classes)."""
+    if num_classes is None:
+        if labels is not None:
+            raise ValueError("Expected `num_classes` to be set when `labels` are given, but got num_classes=None.")
+        return torch.zeros(n, dtype=torch.long, device=device), 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"Expected `num_classes` to be a positive int, but got {num_classes!r}.")
+    if labels is None:
+        raise ValueError(f"Expected `labels` of shape ({n},) with num_classes={num_classes}, but got labels=None.")
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"Expected `labels` to be an integer tensor, but got {getattr(labels, 'dtype', type(labels).__name__)}.")
+    if labels.shape != (n,):
+        raise ValueError(f"Expected `labels` of shape ({n},) (one per sample), but got {tuple(labels.shape)}.")
+    if ((labels < 0) | (labels >= num_classes)).any():
+        raise ValueError(
+            f"Expected `labels` in [0, {num_classes - 1}] (num_classes={num_classes}), "
+            f"but got values from {int(labels.min())} to {int(labels.max())}."
+        )
+    return labels.to(device=device, dtype=torch.long), num_classes
+
+
+def _sum_rows(values: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    out = values.new_zeros((num_rows, *values.shape[1:]))
+    return out.index_add(0, rows, values)
+
+
+def _pairwise_terms(cross: Tensor, floored_a: Tensor, floored_b: Tensor) -> Tensor:
+    """Per-sample :math:`-\\tfrac12 \\log(1 - \\rho_{ij}^2)` for ``cross[n, i, j] = <a_i, b_j>``."""
+    rho2 = cross.square() / (floored_a[:, :, None] * floored_b[:, None, :])
+    return -0.5 * torch.log((1.0 - rho2).clamp_min(_MIN_DECORRELATION))
+
+
+def gram_statistics(
+    gram: Tensor,
+    *,
+    eps: float = DEFAULT_EPS,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+) -> GramStatistics:
+    r"""Summable statistics of a batch of Gram matrices.
+
+    Per sample: :math:`\log \max(G_{ii}, \epsilon)`; :math:`\log\det G` from the Cholesky factor
+    :math:`G = LL^\top` as :math:`\sum_i \log \max(L_{ii}^2, \epsilon)` (so that, like the diagonal, no pivot falls
+    below the floor and Hadamard's :math:`\log\det G \le \sum_i \log G_{ii}` holds), or, where the factorisation
+    fails, :math:`\sum_k \log\max(\lambda_k, \epsilon)` over the eigenvalues (counted in ``num_fallback``);
+    and :math:`-\tfrac12\log(1-\rho_{ij}^2)`, :math:`\rho_{ij} = G_{ij}/\sqrt{G_{ii}G_{jj}}`.
+
+    Args:
+        gram: ``(N, d, d)`` Gram matrices (converted to float64).
+        eps: floor on :math:`G_{ii}` and on the Cholesky pivots; columns at or below it are counted as inactive.
+        labels: optional ``(N,)`` class labels in ``[0, num_classes)``; each class gets its own row of sums.
+        num_classes: number of classes ``K`` (required with ``labels``).
+
+    Returns:
+        :class:`GramStatistics` with ``K`` rows (``K = 1`` without classes).
+    """
+    gram = check_gram(gram).to(torch.float64)
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
+        raise ValueError(f"Expected `eps` to be a positive float, but got {eps!r}.")
+    n, d, _ = gram.shape
+    rows, num_rows = _class_rows(labels, num_classes, n, gram.device)
+
+    diag = gram.diagonal(dim1=-2, dim2=-1)
+    floored = diag.clamp_min(eps)
+    log_diag = floored.log()
+
+    factor, info = torch.linalg.cholesky_ex(gram)
+    log_det = factor.diagonal(dim1=-2, dim2=-1).square().clamp_min(eps).log().sum(-1)
+    failed = info > 0
+    if failed.any():
+        index = failed.nonzero().squeeze(1)
+        eigenvalues = torch.linalg.eigvalsh(gram[index])
+        log_det = log_det.index_put((index,), eigenvalues.clamp_min(eps).log().sum(-1))
+
+    off_diagonal = 1.0 - torch.eye(d, dtype=gram.dtype, device=gram.device)
+    pairwise = _pairwise_terms(gram, floored, floored) * off_diagonal
+
+    ones = torch.ones(n, dtype=torch.float64, device=gram.device)
+    return GramStatistics(
+        count=_sum_rows(ones, rows, num_rows),
+        log_diag=_sum_rows(log_diag, rows, num_rows),
+        log_det=_sum_rows(log_det, rows, num_rows),
+        pairwise=_sum_rows(pairwise, rows, num_rows),
+        num_inactive=_sum_rows((diag <= eps).to(torch.float64), rows, num_rows),
+        num_fallback=_sum_rows(failed.to(torch.float64), rows, num_rows),
+    )
+
+
+def cross_statistics(
+    jacobian: Tensor,
+    reference_jacobian: Tensor,
+    *,
+    std: Tensor | float | None = None,
+    sigma: Tensor | None = None,
+    reference_sigma: Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+) -> CrossStatistics:
+    r"""Summable cross terms :math:`-\tfrac12\log(1-\rho_{ij}^2)`, :math:`\rho_{ij} = \langle a_i, b_j\rangle / (\|a_i\|\|b_j\|)`.
+
+    ``a_i`` are the columns of ``jacobian`` and ``b_j`` those of ``reference_jacobian``, both taken at the same
+    data point (so both must have the same ``N`` and output shape). Options as in :func:`jacobian_gram`.
+    """
+    flat_a = check_jacobian(jacobian, "jacobian")
+    flat_b = check_jacobian(reference_jacobian, "reference_jacobian")
+    if flat_a.shape[:2] != flat_b.shape[:2] or jacobian.shape[1:-1] != reference_jacobian.shape[1:-1]:
+        raise ValueError(
+            f"Expected `reference_jacobian` with the same samples and output shape as `jacobian`, "
+            f"i.e. ({', '.join(map(str, jacobian.shape[:-1]))}, d_ref), but got {tuple(reference_jacobian.shape)}."
+        )
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
+        raise ValueError(f"Expected `eps` to be a positive float, but got {eps!r}.")
+    n, big_d, d = flat_a.shape
+    rows, num_rows = _class_rows(labels, num_classes, n, jacobian.device)
+    a = flat_a.to(torch.float64)
+    b = flat_b.to(torch.float64)
+    if std is not None:
+        std = torch.as_tensor(std)
+        if std.numel() != 1 and tuple(std.shape) not in (tuple(jacobian.shape[1:-1]), (big_d,)):
+            raise ValueError(
+                f"Expected `std` to be a scalar or of shape {tuple(jacobian.shape[1:-1])} (the output shape) or ({big_d},), "
+                f"but got {tuple(std.shape)}."
+            )
+        scale = _check_scale(std, "std").to(a.device).reshape(1, -1, 1)
+        a, b = a * scale, b * scale
+    if sigma is not None:
+        a = a * _check_scale(sigma, "sigma", d).to(a.device).reshape(1, 1, d)
+    if reference_sigma is not None:
+        b = b * _check_scale(reference_sigma, "reference_sigma", b.shape[-1]).to(b.device).reshape(1, 1, -1)
+    cross = a.mT @ b
+    floored_a = a.square().sum(1).clamp_min(eps)
+    floored_b = b.square().sum(1).clamp_min(eps)
+    ones = torch.ones(n, dtype=torch.float64, device=a.device)
+    return CrossStatistics(
+        count=_sum_rows(ones, rows, num_rows),
+        pairwise=_sum_rows(_pairwise_terms(cross, floored_a, floored_b), rows, num_rows),
+    )
+
+
+def _class_mean(total: Tensor, count: Tensor) -> Tensor:
+    """Mean over the classes that have samples of the per-class means ``total[k] / count[k]``."""
+    seen = count > 0
+    if not seen.any():
+        raise ValueError("Expected statistics of at least one sample, but the count is zero (no update yet?).")
+    shape = (-1,) + (1,) * (total.ndim - 1)
+    return (total[seen] / count[seen].reshape(shape)).mean(0)
+
+
+def finish_entropy(statistics: GramStatistics, *, per_dim: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-dim manifold entropies ``(d,)`` and the total manifold entropy ``()`` from summed statistics."""
+    d = statistics.log_diag.shape[-1]
+    entropy_per_dim = STANDARD_NORMAL_ENTROPY + 0.5 * _class_mean(statistics.log_diag, statistics.count)
+    total = d * STANDARD_NORMAL_ENTROPY + 0.5 * _class_mean(statistics.log_det, statistics.count)
+    return entropy_per_dim, total / d if per_dim else total
+
+
+def finish_total_correlation(statistics: GramStatistics, *, per_dim: bool = False) -> Tensor:
+    """Manifold total correlation ``()`` from summed statistics."""
+    d = statistics.log_diag.shape[-1]
+    total_correlation = 0.5 * (_class_mean(statistics.log_diag, statistics.count).sum() - _class_mean(statistics.log_det, statistics.count))
+    return total_correlation / d if per_dim else total_correlation
+
+
+def finish_pairwise_mutual_information(statistics: GramStatistics) -> Tensor:
+    """Manifold pairwise mutual information matrix ``(d, d)`` from summed statistics."""
+    return _class_mean(statistics.pairwise, statistics.count)
+
+
+def finish_cross_mutual_information(statistics: CrossStatistics) -> Tensor:
+    """Manifold cross-pairwise mutual information matrix ``(d, d_ref)`` from summed statistics."""
+    return _class_mean(statistics.pairwise, statistics.count)
+
+
+def num_active_latents(entropy_per_dim: Tensor, threshold: float = DEFAULT_ACTIVE_THRESHOLD) -> Tensor:
+    r"""Number of latents with :math:`\exp(H_i - h_0) > \mathrm{threshold}` (geometric-mean column norm, data units)."""
+    return (entropy_per_dim > STANDARD_NORMAL_ENTROPY + math.log(threshold)).sum()
