@@ -1,0 +1,445 @@
+"""Offline evaluation of a trained LightningModule checkpoint: every manifold entropic metric, a JSON report and figures."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS, entropy_spectrum, num_active_latents
+from lightning_mem.functional.statistics import (
+    GramStatistics,
+    finish_entropy,
+    finish_pairwise_mutual_information,
+    finish_total_correlation,
+    gram_statistics,
+    jacobian_gram,
+)
+from lightning_mem.jacobian import iter_decoder_jacobians
+
+__all__ = [
+    "decoder_metrics",
+    "evaluate_checkpoint",
+    "format_metrics",
+    "load_module",
+    "resolve_decoder",
+    "resolve_latent_dim",
+    "save_mutual_information_figure",
+    "save_spectrum_figure",
+]
+
+DEFAULT_DECODER_NAMES = ("decoder", "decode")
+"""Attribute or method names searched, in order, for a module's decoder."""
+
+
+def _import_class(module_class: str) -> type:
+    if not isinstance(module_class, str) or not module_class.strip():
+        raise ValueError(f"Expected `module_class` as 'package.module:ClassName', but got {module_class!r}.")
+    if ":" in module_class:
+        module_name, _, class_name = module_class.partition(":")
+    else:
+        module_name, _, class_name = module_class.rpartition(".")
+    if not module_name or not class_name:
+        raise ValueError(f"Expected `module_class` as 'package.module:ClassName', but got {module_class!r}.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(
+            f"Could not import the module {module_name!r} of `module_class` {module_class!r}: {error}. "
+            "Is the package installed, or the working directory on sys.path?"
+        ) from error
+    try:
+        cls = getattr(module, class_name)
+    except AttributeError as error:
+        raise ImportError(
+            f"Could not import `module_class` {module_class!r}: module {module_name!r} has no attribute {class_name!r}."
+        ) from error
+    return cls
+
+
+def load_module(
+    module_class: str | type[LightningModule], checkpoint: str | Path, *, map_location: str | torch.device = "cpu"
+) -> LightningModule:
+    """Load a LightningModule from a checkpoint file with ``module_class.load_from_checkpoint``, in eval mode.
+
+    Args:
+        module_class: the class, or its import path ``"package.module:ClassName"`` (``"package.module.ClassName"``
+            works too).
+        checkpoint: path of a checkpoint written by Lightning (``Trainer.save_checkpoint`` or ``ModelCheckpoint``).
+        map_location: where to load the tensors.
+
+    Returns:
+        The module, in eval mode.
+
+    Raises:
+        FileNotFoundError: if ``checkpoint`` does not exist.
+        ImportError: if ``module_class`` cannot be imported.
+        TypeError: if ``module_class`` is not a LightningModule subclass.
+        RuntimeError: if the checkpoint cannot be loaded into the class.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"Expected `checkpoint` to be an existing checkpoint file, but {str(path)!r} does not exist.")
+    cls = _import_class(module_class) if isinstance(module_class, str) else module_class
+    if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
+        raise TypeError(f"Expected `module_class` to be a LightningModule subclass, but got {cls!r}.")
+    try:
+        module = cls.load_from_checkpoint(path, map_location=map_location)
+    except Exception as error:
+        raise RuntimeError(f"Could not load checkpoint {str(path)!r} into {cls.__qualname__}: {type(error).__name__}: {error}") from error
+    return module.eval()
+
+
+def resolve_decoder(module: torch.nn.Module, decoder: str | None = None) -> tuple[str, Callable]:
+    """Find a module's decoder: the attribute or method ``decoder`` names, else ``decoder`` then ``decode``.
+
+    Returns:
+        ``(name, callable)``.
+
+    Raises:
+        ValueError: if the module has no such callable attribute.
+    """
+    names = DEFAULT_DECODER_NAMES if decoder is None else (decoder,)
+    for name in names:
+        candidate = getattr(module, name, None)
+        if callable(candidate):
+            return name, candidate
+    wanted = " or ".join(f"`{name}`" for name in names)
+    hint = "" if decoder is not None else " (or name it with `decoder`, --decoder on the command line)"
+    raise ValueError(
+        f"Expected {type(module).__name__} to expose a decoder z -> x as an attribute or method {wanted}{hint}, but it has none."
+    )
+
+
+def resolve_latent_dim(module: torch.nn.Module, latent_dim: int | None = None) -> int:
+    """The latent size: ``latent_dim`` if given, else ``module.latent_dim``, else ``module.hparams.latent_dim``.
+
+    Raises:
+        ValueError: if none is known or it is not a positive int.
+    """
+    if latent_dim is None:
+        latent_dim = getattr(module, "latent_dim", None)
+    if latent_dim is None:
+        latent_dim = getattr(getattr(module, "hparams", {}), "get", lambda key: None)("latent_dim")
+    if latent_dim is None:
+        raise ValueError(
+            f"Expected the latent size: pass `latent_dim` (--latent-dim), or give {type(module).__name__} a `latent_dim` "
+            "attribute or hyperparameter, but none was found."
+        )
+    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+        raise ValueError(f"Expected `latent_dim` to be a positive int, but got {latent_dim!r}.")
+    return latent_dim
+
+
+def _add(total: GramStatistics | None, batch: GramStatistics) -> GramStatistics:
+    return batch if total is None else GramStatistics(*(a + b for a, b in zip(total, batch, strict=True)))
+
+
+def decoder_metrics(
+    decoder: Callable,
+    z: Tensor,
+    *,
+    chunk_size: int = 64,
+    mode: str = "auto",
+    std: Tensor | float | None = None,
+    eps: float = DEFAULT_EPS,
+    active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    r"""Every manifold entropic metric of a decoder at latents ``z``, in the key layout of ``ManifoldEntropicMetrics``.
+
+    .. math::
+        H_i = h_0 + \tfrac12\mathbb{E}[\log G_{ii}],\quad H = d\,h_0 + \tfrac12\mathbb{E}[\log\det G],\quad
+        \mathrm{MTC} = \textstyle\sum_i H_i - H,\quad \mathrm{MPMI}_{ij} = -\tfrac12\mathbb{E}[\log(1-\rho_{ij}^2)]
+
+    The Jacobians are computed ``chunk_size`` samples at a time and reduced to summable float64 statistics, so
+    memory stays bounded; a tqdm progress bar counts the chunks when ``progress`` is set.
+
+    Args:
+        decoder: callable ``z -> x`` (in eval mode).
+        z: ``(N, d)`` latents.
+        chunk_size, mode: as for :func:`lightning_mem.decoder_jacobian`.
+        std: data scale, as for :func:`lightning_mem.functional.manifold_entropy`.
+        eps: floor on :math:`G_{ii}`.
+        active_threshold: a latent is active when :math:`\exp(H_i - h_0)` exceeds it.
+        progress: show a progress bar.
+
+    Returns:
+        Dict of float64 tensors: ``entropy``, ``entropy_per_dim``, ``latent_entropy`` (d,), ``spectrum`` (d,),
+        ``spectrum_order`` (d,) long, ``num_active``, ``total_correlation``, ``total_correlation_per_dim``,
+        ``pairwise_mutual_information`` (d, d), ``pairwise_mutual_information_max``,
+        ``pairwise_mutual_information_mean`` (over off-diagonal pairs), ``num_fallback``, ``num_inactive`` (d,).
+
+    Example:
+        >>> decoder = torch.nn.Linear(2, 3, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = decoder.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]))
+        >>> metrics = decoder_metrics(decoder, torch.zeros(4, 2))
+        >>> metrics["spectrum_order"].tolist(), round(float(metrics["total_correlation"]), 6)
+        ([1, 0], 0.0)
+
+    References:
+        D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
+    """
+    from tqdm.auto import tqdm
+
+    num_chunks = math.ceil(z.shape[0] / chunk_size)
+    chunks = iter_decoder_jacobians(decoder, z, mode=mode, chunk_size=chunk_size)
+    total: GramStatistics | None = None
+    for jacobian in tqdm(chunks, total=num_chunks, desc="manifold entropic metrics", unit="chunk", disable=not progress, leave=False):
+        total = _add(total, gram_statistics(jacobian_gram(jacobian, std=std), eps=eps))
+    if total is None:
+        raise ValueError(f"Expected `z` with at least one sample, but got shape {tuple(z.shape)}.")
+    d = z.shape[1]
+    latent_entropy, entropy = finish_entropy(total)
+    spectrum, order = entropy_spectrum(latent_entropy)
+    pairwise = finish_pairwise_mutual_information(total)
+    off_diagonal = pairwise[~torch.eye(d, dtype=torch.bool, device=pairwise.device)]
+    total_correlation = finish_total_correlation(total)
+    zero = pairwise.new_zeros(())
+    return {
+        "entropy": entropy,
+        "entropy_per_dim": entropy / d,
+        "latent_entropy": latent_entropy,
+        "spectrum": spectrum,
+        "spectrum_order": order,
+        "num_active": num_active_latents(latent_entropy, active_threshold),
+        "total_correlation": total_correlation,
+        "total_correlation_per_dim": total_correlation / d,
+        "pairwise_mutual_information": pairwise,
+        "pairwise_mutual_information_max": off_diagonal.max() if d > 1 else zero,
+        "pairwise_mutual_information_mean": off_diagonal.mean() if d > 1 else zero,
+        "num_fallback": total.num_fallback.sum(),
+        "num_inactive": total.num_inactive.sum(0),
+    }
+
+
+def format_metrics(metrics: Mapping[str, Tensor | float], *, top_k: int = 5, title: str | None = None) -> str:
+    """A short plain-text table: total entropy, total correlation, active dims, MPMI and the top entropies.
+
+    Example:
+        >>> print(format_metrics({"entropy": 3.0, "total_correlation": 0.5, "num_active": 2, "latent_entropy": torch.tensor([1.0, 2.0])}))
+        total entropy H          3.000 nats
+        total correlation MTC    0.500 nats
+        active dims              2 of 2
+        top entropies H_i        z1: 2.000, z0: 1.000
+    """
+    lines = [] if title is None else [title]
+
+    def row(name: str, value: str) -> None:
+        lines.append(f"{name:<24} {value}")
+
+    row("total entropy H", f"{float(metrics['entropy']):.3f} nats")
+    row("total correlation MTC", f"{float(metrics['total_correlation']):.3f} nats")
+    latent_entropy = torch.as_tensor(metrics["latent_entropy"])
+    row("active dims", f"{int(metrics['num_active'])} of {latent_entropy.numel()}")
+    if "pairwise_mutual_information_max" in metrics:
+        row(
+            "MPMI max / mean",
+            f"{float(metrics['pairwise_mutual_information_max']):.3f} / {float(metrics['pairwise_mutual_information_mean']):.3f} nats",
+        )
+    spectrum, order = entropy_spectrum(latent_entropy)
+    top = ", ".join(f"z{int(i)}: {float(h):.3f}" for h, i in zip(spectrum[:top_k], order[:top_k], strict=True))
+    row("top entropies H_i", top)
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_spectrum_figure(
+    spectra: Mapping[str, Tensor],
+    path: str | Path,
+    *,
+    title: str = "Entropy spectrum",
+    reference: Tensor | None = None,
+    reference_label: str = "ground truth",
+    threshold: float | None = None,
+) -> Path:
+    r"""Plot one or more entropy spectra (sorted :math:`H_i` against rank) into a small PNG (matplotlib, Agg).
+
+    Args:
+        spectra: label -> ``(d,)`` per-latent entropies (sorted here, descending).
+        path: output PNG path (parent folders are created).
+        title: figure title.
+        reference: optional ``(d,)`` ground-truth spectrum, drawn dashed.
+        reference_label: its legend label.
+        threshold: optional active-dim level (nats), drawn as a horizontal line.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=100)
+    colors = plt.get_cmap("viridis")
+    for k, (label, values) in enumerate(spectra.items()):
+        spectrum = entropy_spectrum(torch.as_tensor(values, dtype=torch.float64).detach().cpu())[0]
+        ranks = torch.arange(1, spectrum.numel() + 1)
+        ax.plot(ranks, spectrum, marker="o", markersize=3, color=colors(k / max(len(spectra) - 1, 1)), label=label)
+    if reference is not None:
+        spectrum = entropy_spectrum(torch.as_tensor(reference, dtype=torch.float64).detach().cpu())[0]
+        ax.plot(torch.arange(1, spectrum.numel() + 1), spectrum, "k--", label=reference_label)
+    if threshold is not None:
+        ax.axhline(threshold, color="gray", linewidth=0.8, linestyle=":", label="active threshold")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("manifold entropy $H_i$ (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_mutual_information_figure(
+    matrix: Tensor, path: str | Path, *, title: str = "Manifold pairwise MI (nats)", xlabel: str = "latent j", ylabel: str = "latent i"
+) -> Path:
+    """Plot an MPMI or MCPMI matrix as a heatmap into a small PNG (matplotlib, Agg) and return the path."""
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    matrix = torch.as_tensor(matrix, dtype=torch.float64).detach().cpu()
+    fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=100)
+    image = ax.imshow(matrix.numpy(), cmap="magma", vmin=0.0)
+    fig.colorbar(image, ax=ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Tensor):
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    module_class: str | type[LightningModule],
+    *,
+    out_dir: str | Path | None = None,
+    num_samples: int = 1024,
+    seed: int = 0,
+    decoder: str | None = None,
+    latent_dim: int | None = None,
+    chunk_size: int = 64,
+    mode: str = "auto",
+    double: bool = False,
+    active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
+    progress: bool = True,
+) -> dict[str, object]:
+    r"""Evaluate a LightningModule checkpoint offline: all metrics at prior samples, a JSON report and two PNGs.
+
+    .. math::
+        z_n \sim N(0, I_d),\ n = 1..N \quad\Rightarrow\quad H_i,\ H,\ \mathrm{MTC},\ \mathrm{MPMI}
+        \text{ of the decoder's Jacobians } J(z_n)
+
+    Writes ``report.json``, ``spectrum.png`` (sorted :math:`H_i`) and ``pairwise_mutual_information.png`` into
+    ``out_dir`` (default: ``<checkpoint stem>_mem`` next to the checkpoint).
+
+    Args:
+        checkpoint: Lightning checkpoint file.
+        module_class: the LightningModule class or its import path ``"package.module:ClassName"``.
+        out_dir: folder for the report and figures.
+        num_samples: latent samples ``N`` drawn from the standard-normal prior.
+        seed: seed of the latents' own ``torch.Generator`` (the global RNG is not used).
+        decoder: attribute or method name of the decoder (default: ``decoder``, then ``decode``).
+        latent_dim: latent size (default: ``module.latent_dim`` or ``module.hparams.latent_dim``).
+        chunk_size: samples differentiated at once (bounds memory).
+        mode: Jacobian mode, as for :func:`lightning_mem.decoder_jacobian`.
+        double: evaluate the decoder in float64 (the statistics are float64 in any case).
+        active_threshold: see :func:`lightning_mem.functional.num_active_latents`.
+        progress: show a progress bar over the Jacobian chunks.
+
+    Returns:
+        The report: the metrics of :func:`decoder_metrics` as JSON types, plus ``checkpoint``, ``module_class``,
+        ``decoder``, ``latent_dim``, ``num_samples``, ``seed``, ``global_step``, ``wall_time_s`` and ``files``
+        (``report``, ``spectrum``, ``pairwise_mutual_information`` paths).
+
+    Raises:
+        FileNotFoundError: missing checkpoint file.
+        ImportError: unimportable ``module_class``.
+        TypeError: ``module_class`` is not a LightningModule.
+        ValueError: the module has no decoder or no known latent size, or a bad ``num_samples``/``chunk_size``.
+        RuntimeError: the checkpoint does not load into the class.
+
+    Example:
+        >>> import tempfile, lightning.pytorch as pl
+        >>> from lightning_mem.models import BetaVAE
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     trainer = pl.Trainer(max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                          enable_model_summary=False)
+        ...     trainer.strategy.connect(BetaVAE(latent_dim=3, hidden_dim=8))
+        ...     trainer.save_checkpoint(f"{tmp}/model.ckpt")
+        ...     report = evaluate_checkpoint(f"{tmp}/model.ckpt", "lightning_mem.models:BetaVAE", num_samples=8, progress=False)
+        >>> report["latent_dim"], len(report["spectrum"]), sorted(report["files"])
+        (3, 3, ['pairwise_mutual_information', 'report', 'spectrum'])
+
+    References:
+        D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
+    """
+    for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
+    start = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    module = load_module(module_class, checkpoint)
+    if double:
+        module = module.double()
+    decoder_name, decoder_fn = resolve_decoder(module, decoder)
+    d = resolve_latent_dim(module, latent_dim)
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(num_samples, d, generator=generator, dtype=torch.float64).to(dtype)
+    metrics = decoder_metrics(decoder_fn, z, chunk_size=chunk_size, mode=mode, active_threshold=active_threshold, progress=progress)
+
+    out = Path(out_dir) if out_dir is not None else checkpoint.with_name(f"{checkpoint.stem}_mem")
+    out.mkdir(parents=True, exist_ok=True)
+    class_path = module_class if isinstance(module_class, str) else f"{module_class.__module__}:{module_class.__qualname__}"
+    files = {
+        "report": str(out / "report.json"),
+        "spectrum": str(
+            save_spectrum_figure(
+                {checkpoint.name: metrics["latent_entropy"]}, out / "spectrum.png", title=f"Entropy spectrum ({type(module).__name__})"
+            )
+        ),
+        "pairwise_mutual_information": str(
+            save_mutual_information_figure(metrics["pairwise_mutual_information"], out / "pairwise_mutual_information.png")
+        ),
+    }
+    step = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    report: dict[str, object] = {
+        "checkpoint": str(checkpoint),
+        "module_class": class_path,
+        "decoder": decoder_name,
+        "latent_dim": d,
+        "num_samples": num_samples,
+        "seed": seed,
+        "global_step": step,
+        "active_threshold": active_threshold,
+        **{key: _jsonable(value) for key, value in metrics.items()},
+        "wall_time_s": time.perf_counter() - start,
+        "files": files,
+    }
+    Path(files["report"]).write_text(json.dumps(report, indent=2))
+    return report
