@@ -19,6 +19,7 @@ __all__ = [
     "STANDARD_NORMAL_ENTROPY",
     "CrossStatistics",
     "GramStatistics",
+    "batch_statistics",
     "check_gram",
     "check_jacobian",
     "cross_statistics",
@@ -250,6 +251,38 @@ def gram_statistics(
         num_inactive=_sum_rows((diag <= eps).to(torch.float64), rows, num_rows),
         num_fallback=_sum_rows(failed.to(torch.float64), rows, num_rows),
     )
+
+
+def batch_statistics(
+    jacobian: Tensor | None = None,
+    gram: Tensor | None = None,
+    *,
+    std: Tensor | float | None = None,
+    sigma: Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+) -> GramStatistics:
+    """:func:`gram_statistics` of a batch given as Jacobians ``(N, *output_shape, d)`` or as Gram matrices ``(N, d, d)``.
+
+    Exactly one of ``jacobian`` and ``gram`` must be given. With ``gram``, ``std`` must be a scalar (a per-output data
+    scale needs the Jacobian). Other arguments as in :func:`jacobian_gram` and :func:`gram_statistics`.
+    """
+    if (jacobian is None) == (gram is None):
+        raise ValueError("Expected exactly one of `jacobian` and `gram`, but got " + ("both." if gram is not None else "neither."))
+    if jacobian is not None:
+        gram = jacobian_gram(jacobian, std=std, sigma=sigma)
+    else:
+        gram = check_gram(gram)
+        if std is not None:
+            std = torch.as_tensor(std)
+            if std.numel() != 1:
+                raise ValueError(
+                    f"Expected a scalar `std` with `gram` (a per-output scale needs the Jacobian), but got shape {tuple(std.shape)}."
+                )
+            gram = gram.to(torch.float64) * _check_scale(std, "std").to(gram.device).reshape(()) ** 2
+        gram = _scale_latents(gram.to(torch.float64), sigma)
+    return gram_statistics(gram, eps=eps, labels=labels, num_classes=num_classes)
 
 
 def cross_statistics(
