@@ -2,7 +2,26 @@
 
 from lightning_mem import functional
 from lightning_mem.jacobian import as_decoder, decoder_gram, decoder_jacobian, iter_decoder_jacobians
+from lightning_mem.metrics import (
+    ManifoldCrossMutualInformation,
+    ManifoldEntropicMetrics,
+    ManifoldEntropy,
+    ManifoldPairwiseMutualInformation,
+    ManifoldTotalCorrelation,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "as_decoder", "decoder_gram", "decoder_jacobian", "functional", "iter_decoder_jacobians"]
+__all__ = [
+    "ManifoldCrossMutualInformation",
+    "ManifoldEntropicMetrics",
+    "ManifoldEntropy",
+    "ManifoldPairwiseMutualInformation",
+    "ManifoldTotalCorrelation",
+    "__version__",
+    "as_decoder",
+    "decoder_gram",
+    "decoder_jacobian",
+    "functional",
+    "iter_decoder_jacobians",
+]
