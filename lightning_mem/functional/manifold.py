@@ -50,7 +50,7 @@ def manifold_entropy(
             standardized data. A scalar adds ``log std`` to every :math:`H_i`.
         sigma: latent scale ``(d,)`` for a prior :math:`N(\mu, \mathrm{diag}(\sigma^2))`.
         per_dim: divide the total by ``d`` (nats/dim). :math:`H_i` is per dim already.
-        eps: floor on :math:`G_{ii}` (and on Cholesky pivots): an inactive (zero) column gives the finite
+        eps: floor on :math:`G_{ii}` (and on the eigenvalues of a singular ``G``): an inactive (zero) column gives the finite
             :math:`h_0 + \tfrac12\log\epsilon` instead of :math:`-\infty`.
         labels, num_classes: class-conditional mode: the metric of each class, averaged over the classes present.
 
