@@ -45,9 +45,11 @@ _MIN_DECORRELATION = torch.finfo(torch.float64).eps
 """Floor on :math:`1 - \\rho_{ij}^2`: collinear columns give a large but finite pairwise mutual information."""
 
 
-_SINGULAR_PIVOT = 1e-10
-"""A Cholesky pivot :math:`L_{ii}^2 \\le` this times :math:`G_{ii}` (column ``i`` within 1e-5 rad of the span of the
-columns before it) marks ``G`` as numerically singular: its log-determinant is then taken from the eigenvalues."""
+_SINGULAR_PIVOT = 1e-6
+"""A Cholesky pivot :math:`L_{ii}^2 \\le` this times :math:`G_{ii}` (column ``i`` within 1e-3 rad of the span of the
+columns before it) marks ``G`` as numerically singular: its log-determinant is then taken from the eigenvalues.
+Above :math:`\\sqrt{u}` (float64 rounding), so that rounding amplified by earlier relative pivots larger than this
+cannot lift the pivot of a dependent column over it."""
 
 
 class GramStatistics(NamedTuple):
@@ -213,9 +215,10 @@ def gram_statistics(
 
     Per sample: :math:`\log \max(G_{ii}, \epsilon)`; :math:`\log\det G` from the Cholesky factor
     :math:`G = LL^\top` as :math:`\sum_i \log L_{ii}^2`, or, where the factorisation fails or a pivot
-    :math:`L_{ii}^2` is at or below :math:`\max(\epsilon, 10^{-10} G_{ii})` (a numerically singular ``G``, whose
+    :math:`L_{ii}^2` is at or below :math:`\max(\epsilon, 10^{-6} G_{ii})` (a numerically singular ``G``, whose
     pivots would depend on the latent order and on rounding), :math:`\sum_k \log\max(\lambda_k, \epsilon)` over the
-    eigenvalues (counted in ``num_fallback``), capped at :math:`\sum_i \log \max(G_{ii}, \epsilon)` so that
+    eigenvalues (counted in ``num_fallback``; those within rounding of zero, :math:`\lambda_k \le d\,u\,\lambda_{\max}`,
+    count as zero), capped at :math:`\sum_i \log \max(G_{ii}, \epsilon)` so that
     Hadamard's inequality, and with it :math:`\mathrm{MTC} \ge 0`, holds with the floors too; and
     :math:`-\tfrac12\log(1-\rho_{ij}^2)`, :math:`\rho_{ij} = G_{ij}/\sqrt{G_{ii}G_{jj}}`.
 
@@ -252,6 +255,9 @@ def gram_statistics(
     if failed.any():
         index = failed.nonzero().squeeze(1)
         eigenvalues = torch.linalg.eigvalsh(gram[index])
+        # Eigenvalues within rounding of zero (numpy's matrix_rank tolerance) are zero, floored like exact zeros.
+        tolerance = eigenvalues[:, -1:] * (d * torch.finfo(torch.float64).eps)
+        eigenvalues = torch.where(eigenvalues <= tolerance, 0.0, eigenvalues)
         log_det = log_det.index_put((index,), eigenvalues.clamp_min(eps).log().sum(-1))
     # Hadamard's inequality log det G <= sum_i log G_ii, kept with the floors: MTC >= 0 for every sample.
     log_det = torch.minimum(log_det, log_diag.sum(-1))
