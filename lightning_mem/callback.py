@@ -121,7 +121,8 @@ class ManifoldEntropicMetricsCallback(Callback):
 
     **Distributed**: every rank evaluates its shard ``latents[rank::world_size]``, the Metric states (float64 sums)
     are summed across ranks inside ``compute``, which every rank calls; the result equals one process evaluating all
-    latents. Only rank zero logs and draws figures.
+    latents. The decoder's buffers (e.g. BatchNorm statistics, which DDP does not keep equal across ranks) are rank
+    zero's on every rank, as in the checkpoint rank zero saves. Only rank zero logs and draws figures.
 
     **Faults**: an evaluation whose decoder output or Jacobian holds NaN/inf, or that raises, emits a warning,
     increments the ``failed`` counter and training goes on (all ranks agree before ``compute``); ``strict=True``
@@ -140,7 +141,7 @@ class ManifoldEntropicMetricsCallback(Callback):
     - ``pairwise_mutual_information_max`` and ``pairwise_mutual_information_mean``: over off-diagonal MPMI pairs.
     - ``num_fallback``: samples whose Cholesky factorisation failed (eigenvalue fallback used).
     - ``num_classes_seen``: with ``num_classes`` only.
-    - ``eval_time``: wall-clock seconds of the evaluation on rank zero.
+    - ``eval_time``: wall-clock seconds of the evaluation on rank zero (Jacobians and metrics, figures excluded).
     - ``failed``: the number of failed evaluations so far (also logged, alone, at a failed evaluation).
     - ``drift/alignment``: mean over current latents of :math:`\max_j r_{ij}` against the previous evaluation;
       ``drift/self_correlation``: mean of :math:`r_{ii}` (latent ``i`` kept its meaning; latents that swapped
@@ -442,7 +443,7 @@ class ManifoldEntropicMetricsCallback(Callback):
                 if others:
                     rank_zero_warn(
                         f"ManifoldEntropicMetricsCallback logs figures only to TensorBoard-like loggers (with `experiment.add_figure`); "
-                        f"{', '.join(others)} get the scalars only. Pass `log_figures=False` to silence this warning."
+                        f"scalars only for {', '.join(others)}. Pass `log_figures=False` to silence this warning."
                     )
 
     def _resolve_decoder(self, pl_module: LightningModule) -> tuple[Decoder, nn.Module]:
@@ -539,7 +540,14 @@ class ManifoldEntropicMetricsCallback(Callback):
             if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
                 self._fail(trainer, step, error)
                 return
-            values = self._compute(pl_module)
+            try:
+                values = self._compute(pl_module)
+            except Exception as exception:  # after the sync every rank holds the same sums, so all fail alike
+                rank_zero_warn(
+                    f"ManifoldEntropicMetricsCallback: the evaluation at step {step} failed ({type(exception).__name__}: {exception})."
+                )
+                self._fail(trainer, step, exception)
+                return
         values["eval_time"] = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
         self.last_metrics = values
         self.history.append({"step": step, "spectrum": values["spectrum"].clone()})
@@ -686,6 +694,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         return values
 
     def _fail(self, trainer: Trainer, step: int, error: BaseException | None) -> None:
+        """Count a failed evaluation (agreed on by every rank) and log the counter; raise with ``strict=True``."""
         self.num_failed += 1
         if self.strict:
             reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"

@@ -596,7 +596,7 @@ class PoisonedDecoder(TinyVAE):
 @pytest.mark.parametrize("poison", ["times", "plus"])
 def test_nan_decoder_warns_counts_failures_and_training_continues(tmp_path, poison):
     logger = CaptureLogger()
-    callback = ManifoldEntropicMetricsCallback(decoder="decode", num_samples=8)
+    callback = ManifoldEntropicMetricsCallback(decoder="decode", num_samples=8, log_figures=False)
     trainer = _trainer(tmp_path, [callback], logger=logger)
     with pytest.warns(RuntimeWarning, match=r"evaluation at step \d failed on rank 0 \((ValueError|FloatingPointError)"):
         trainer.fit(PoisonedDecoder(poison), loader())
