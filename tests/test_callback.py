@@ -625,3 +625,34 @@ def test_a_logger_without_figures_gets_the_scalars_and_a_single_warning(tmp_path
     # top_k=5 > d=3: three ranks; drift from the second evaluation on
     assert set(logger.logged[0][1]) == {f"mem/{name}" for name in SCALAR_NAMES}
     assert set(logger.logged[1][1]) == {f"mem/{name}" for name in SCALAR_NAMES | DRIFT_NAMES}
+
+
+# ---------------------------------------------------------------- CUDA (runs on a GPU machine; CPU-only CI skips it)
+
+
+def _fit_on(accelerator: str, tmp_path: Path, callbacks: list[Callback]) -> tuple[TinyVAE, tuple]:
+    seed_everything(3, verbose=False)
+    model = TinyVAE(dropout=0.3)
+    _trainer(tmp_path, callbacks, accelerator=accelerator, max_steps=4, max_epochs=-1).fit(model, loader())
+    cuda_rng = torch.cuda.get_rng_state() if accelerator == "gpu" else torch.empty(0)
+    return model, (*_global_rng_states(), cuda_rng)
+
+
+def _check_device_run(accelerator: str, tmp_path: Path) -> None:
+    without, rng = _fit_on(accelerator, tmp_path / "without", [])
+    callback = ManifoldEntropicMetricsCallback(num_samples=40, every_n_train_steps=2, chunk_size=16, log_figures=False)
+    model, rng_cb = _fit_on(accelerator, tmp_path / "with", [callback])
+    assert [entry["step"] for entry in callback.history] == [0, 2, 4]
+    for name, value in without.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name  # Dropout on the device draws from its generator
+    assert torch.equal(rng[0], rng_cb[0]) and np.array_equal(rng[1], rng_cb[1]) and rng[2] == rng_cb[2]
+    assert torch.equal(rng[3], rng_cb[3])  # the CUDA generator too
+    decoder = model.decoder.cpu().double().eval()
+    per_dim, total = manifold_entropy(decoder_jacobian(decoder, _prior_latents(40, LATENT_DIM, seed=0).double()))
+    assert float(callback.last_metrics["entropy"]) == pytest.approx(float(total), rel=1e-4)
+    assert callback.last_metrics["latent_entropy"] == pytest.approx(per_dim, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_training_is_unchanged_and_values_match_cpu_float64(tmp_path):
+    _check_device_run("gpu", tmp_path)
