@@ -6,7 +6,8 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_usage_example_runs():
+def test_readme_usage_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the Trainer example writes its TensorBoard run into ./runs
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README has no python example"
     for block in blocks:
