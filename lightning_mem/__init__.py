@@ -12,9 +12,20 @@ from lightning_mem.metrics import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # The callback imports Lightning (seconds); users of the functions and Metric classes do not pay for it.
+    if name == "ManifoldEntropicMetricsCallback":
+        from lightning_mem.callback import ManifoldEntropicMetricsCallback
+
+        return ManifoldEntropicMetricsCallback
+    raise AttributeError(f"module 'lightning_mem' has no attribute {name!r}")
+
+
 __all__ = [
     "ManifoldCrossMutualInformation",
     "ManifoldEntropicMetrics",
+    "ManifoldEntropicMetricsCallback",
     "ManifoldEntropy",
     "ManifoldPairwiseMutualInformation",
     "ManifoldTotalCorrelation",

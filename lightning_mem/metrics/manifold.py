@@ -6,9 +6,9 @@ import math
 from typing import Any
 
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import rank_zero_warn
 
 from lightning_mem.functional.manifold import entropy_spectrum
 from lightning_mem.functional.statistics import (
@@ -71,6 +71,11 @@ class _ClassConditionalMetric(Metric):
     def _accumulate(self, statistics: GramStatistics | CrossStatistics) -> None:
         for name, value in zip(statistics._fields, statistics, strict=True):
             setattr(self, name, getattr(self, name) + value.detach().to(getattr(self, name).device))
+
+    def merge_state(self, incoming_state: dict[str, Tensor] | Metric) -> None:
+        """Add another metric's (or a state dict's) sums to this one; the cached ``compute`` value is dropped."""
+        super().merge_state(incoming_state)
+        self._computed = None  # torchmetrics keeps the value cached by an earlier compute() otherwise
 
     def _num_classes_seen(self) -> Tensor:
         seen = self.count > 0
