@@ -280,7 +280,8 @@ class ManifoldEntropicMetrics(_GramMetric):
     - ``total_correlation`` ``()`` and ``total_correlation_per_dim`` ``()``.
     - ``pairwise_mutual_information`` ``(d, d)``; ``pairwise_mutual_information_max`` ``()`` and
       ``pairwise_mutual_information_mean`` ``()`` over the off-diagonal pairs (0 when ``d == 1``).
-    - ``num_fallback`` ``()``: samples whose Cholesky factorisation failed; ``num_classes_seen`` ``()``.
+    - ``num_fallback`` ``()``: samples whose log-determinant came from the eigenvalue fallback (Cholesky failed or
+      was numerically singular); ``num_classes_seen`` ``()``.
 
     Example:
         >>> metric = ManifoldEntropicMetrics(latent_dim=2)
