@@ -139,7 +139,7 @@ class ManifoldEntropicMetricsCallback(Callback):
     - ``num_active``: latents with :math:`\exp(H_i - h_0) >` ``active_threshold``.
     - ``spectrum/top_1`` ... ``spectrum/top_{k}``: the ``top_k`` largest per-latent entropies :math:`H_i` by rank.
     - ``pairwise_mutual_information_max`` and ``pairwise_mutual_information_mean``: over off-diagonal MPMI pairs.
-    - ``num_fallback``: samples whose Cholesky factorisation failed (eigenvalue fallback used).
+    - ``num_fallback``: samples whose log-determinant came from the eigenvalue fallback (singular Gram matrix).
     - ``num_classes_seen``: with ``num_classes`` only.
     - ``eval_time``: wall-clock seconds of the evaluation on rank zero (Jacobians and metrics, figures excluded).
     - ``failed``: the number of failed evaluations so far (also logged, alone, at a failed evaluation).
