@@ -2,7 +2,37 @@
 
 from lightning_mem import functional
 from lightning_mem.jacobian import as_decoder, decoder_gram, decoder_jacobian, iter_decoder_jacobians
+from lightning_mem.metrics import (
+    ManifoldCrossMutualInformation,
+    ManifoldEntropicMetrics,
+    ManifoldEntropy,
+    ManifoldPairwiseMutualInformation,
+    ManifoldTotalCorrelation,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "as_decoder", "decoder_gram", "decoder_jacobian", "functional", "iter_decoder_jacobians"]
+
+def __getattr__(name: str) -> object:
+    # The callback imports Lightning (seconds); users of the functions and Metric classes do not pay for it.
+    if name == "ManifoldEntropicMetricsCallback":
+        from lightning_mem.callback import ManifoldEntropicMetricsCallback
+
+        return ManifoldEntropicMetricsCallback
+    raise AttributeError(f"module 'lightning_mem' has no attribute {name!r}")
+
+
+__all__ = [
+    "ManifoldCrossMutualInformation",
+    "ManifoldEntropicMetrics",
+    "ManifoldEntropicMetricsCallback",
+    "ManifoldEntropy",
+    "ManifoldPairwiseMutualInformation",
+    "ManifoldTotalCorrelation",
+    "__version__",
+    "as_decoder",
+    "decoder_gram",
+    "decoder_jacobian",
+    "functional",
+    "iter_decoder_jacobians",
+]

@@ -131,11 +131,17 @@ def _loop_jacobian(decoder: Callable, z: Tensor, condition: Tensor | None, forwa
     n, d = z.shape
     if forward:
         columns = []
+        # Every column pass starts from the same RNG state, so a random layer (dropout in training mode) draws the
+        # same mask in each of the ``d`` passes: one consistent Jacobian per sample, as in the single reverse pass.
+        accelerator = z.device.type != "cpu"
+        rng_devices = [z.device] if accelerator else []
+        rng_device_type = z.device.type if accelerator else None
         with forward_ad.dual_level():
             for i in range(d):
                 tangent = torch.zeros_like(z)
                 tangent[:, i] = 1
-                out = _call(decoder, forward_ad.make_dual(z, tangent), condition)
+                with torch.random.fork_rng(devices=rng_devices, device_type=rng_device_type):
+                    out = _call(decoder, forward_ad.make_dual(z, tangent), condition)
                 columns.append(forward_ad.unpack_dual(out).tangent)
         return torch.stack(columns, dim=-1)
     with torch.enable_grad():

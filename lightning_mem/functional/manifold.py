@@ -6,16 +6,12 @@ from torch import Tensor
 
 from lightning_mem.functional.statistics import (
     DEFAULT_EPS,
-    GramStatistics,
-    _scale_latents,
-    check_gram,
+    batch_statistics,
     cross_statistics,
     finish_cross_mutual_information,
     finish_entropy,
     finish_pairwise_mutual_information,
     finish_total_correlation,
-    gram_statistics,
-    jacobian_gram,
 )
 
 __all__ = [
@@ -25,32 +21,6 @@ __all__ = [
     "manifold_pairwise_mutual_information",
     "manifold_total_correlation",
 ]
-
-
-def _statistics(
-    jacobian: Tensor | None,
-    gram: Tensor | None,
-    std: Tensor | float | None,
-    sigma: Tensor | None,
-    eps: float,
-    labels: Tensor | None,
-    num_classes: int | None,
-) -> GramStatistics:
-    if (jacobian is None) == (gram is None):
-        raise ValueError("Expected exactly one of `jacobian` and `gram`, but got " + ("both." if gram is not None else "neither."))
-    if jacobian is not None:
-        gram = jacobian_gram(jacobian, std=std, sigma=sigma)
-    else:
-        gram = check_gram(gram)
-        if std is not None:
-            if getattr(std, "numel", lambda: 1)() != 1:
-                raise ValueError(
-                    "Expected a scalar `std` with `gram` (a per-output scale needs the Jacobian), but got a tensor of shape "
-                    f"{tuple(std.shape)}."
-                )
-            gram = gram * float(std) ** 2
-        gram = _scale_latents(gram, sigma)
-    return gram_statistics(gram, eps=eps, labels=labels, num_classes=num_classes)
 
 
 def manifold_entropy(
@@ -80,7 +50,7 @@ def manifold_entropy(
             standardized data. A scalar adds ``log std`` to every :math:`H_i`.
         sigma: latent scale ``(d,)`` for a prior :math:`N(\mu, \mathrm{diag}(\sigma^2))`.
         per_dim: divide the total by ``d`` (nats/dim). :math:`H_i` is per dim already.
-        eps: floor on :math:`G_{ii}` (and on Cholesky pivots): an inactive (zero) column gives the finite
+        eps: floor on :math:`G_{ii}` (and on the eigenvalues of a singular ``G``): an inactive (zero) column gives the finite
             :math:`h_0 + \tfrac12\log\epsilon` instead of :math:`-\infty`.
         labels, num_classes: class-conditional mode: the metric of each class, averaged over the classes present.
 
@@ -104,7 +74,7 @@ def manifold_entropy(
     References:
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
-    statistics = _statistics(jacobian, gram, std, sigma, eps, labels, num_classes)
+    statistics = batch_statistics(jacobian, gram, std=std, sigma=sigma, eps=eps, labels=labels, num_classes=num_classes)
     return finish_entropy(statistics, per_dim=per_dim)
 
 
@@ -144,7 +114,7 @@ def manifold_total_correlation(
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
         L. Gresele et al., *Independent mechanism analysis, a new concept?*, NeurIPS 2021.
     """
-    statistics = _statistics(jacobian, gram, std, sigma, eps, labels, num_classes)
+    statistics = batch_statistics(jacobian, gram, std=std, sigma=sigma, eps=eps, labels=labels, num_classes=num_classes)
     return finish_total_correlation(statistics, per_dim=per_dim)
 
 
@@ -184,7 +154,7 @@ def manifold_pairwise_mutual_information(
     References:
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
-    statistics = _statistics(jacobian, gram, std, sigma, eps, labels, num_classes)
+    statistics = batch_statistics(jacobian, gram, std=std, sigma=sigma, eps=eps, labels=labels, num_classes=num_classes)
     return finish_pairwise_mutual_information(statistics)
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "STANDARD_NORMAL_ENTROPY",
     "CrossStatistics",
     "GramStatistics",
+    "batch_statistics",
     "check_gram",
     "check_jacobian",
     "cross_statistics",
@@ -44,15 +45,22 @@ _MIN_DECORRELATION = torch.finfo(torch.float64).eps
 """Floor on :math:`1 - \\rho_{ij}^2`: collinear columns give a large but finite pairwise mutual information."""
 
 
+_SINGULAR_PIVOT = 1e-6
+"""A Cholesky pivot :math:`L_{ii}^2 \\le` this times :math:`G_{ii}` (column ``i`` within 1e-3 rad of the span of the
+columns before it) marks ``G`` as numerically singular: its log-determinant is then taken from the eigenvalues.
+Above :math:`\\sqrt{u}` (float64 rounding), so that rounding amplified by earlier relative pivots larger than this
+cannot lift the pivot of a dependent column over it."""
+
+
 class GramStatistics(NamedTuple):
     """Float64 sums over samples, one row per class (a single row without classes)."""
 
     count: Tensor  # (K,) number of samples
     log_diag: Tensor  # (K, d) sum of log max(G_ii, eps)
-    log_det: Tensor  # (K,) sum of log det G (Cholesky pivots floored at eps)
+    log_det: Tensor  # (K,) sum of log det G (eigenvalues floored at eps where G is singular)
     pairwise: Tensor  # (K, d, d) sum of -1/2 log(1 - rho_ij^2), zero diagonal
     num_inactive: Tensor  # (K, d) samples whose G_ii <= eps
-    num_fallback: Tensor  # (K,) samples whose Cholesky factorisation failed (eigenvalue fallback)
+    num_fallback: Tensor  # (K,) samples whose Cholesky factorisation failed or hit the floor (eigenvalue fallback)
 
 
 class CrossStatistics(NamedTuple):
@@ -206,14 +214,17 @@ def gram_statistics(
     r"""Summable statistics of a batch of Gram matrices.
 
     Per sample: :math:`\log \max(G_{ii}, \epsilon)`; :math:`\log\det G` from the Cholesky factor
-    :math:`G = LL^\top` as :math:`\sum_i \log \max(L_{ii}^2, \epsilon)` (so that, like the diagonal, no pivot falls
-    below the floor and Hadamard's :math:`\log\det G \le \sum_i \log G_{ii}` holds), or, where the factorisation
-    fails, :math:`\sum_k \log\max(\lambda_k, \epsilon)` over the eigenvalues (counted in ``num_fallback``);
-    and :math:`-\tfrac12\log(1-\rho_{ij}^2)`, :math:`\rho_{ij} = G_{ij}/\sqrt{G_{ii}G_{jj}}`.
+    :math:`G = LL^\top` as :math:`\sum_i \log L_{ii}^2`, or, where the factorisation fails or a pivot
+    :math:`L_{ii}^2` is at or below :math:`\max(\epsilon, 10^{-6} G_{ii})` (a numerically singular ``G``, whose
+    pivots would depend on the latent order and on rounding), :math:`\sum_k \log\max(\lambda_k, \epsilon)` over the
+    eigenvalues (counted in ``num_fallback``; those within rounding of zero, :math:`\lambda_k \le d\,u\,\lambda_{\max}`,
+    count as zero), capped at :math:`\sum_i \log \max(G_{ii}, \epsilon)` so that
+    Hadamard's inequality, and with it :math:`\mathrm{MTC} \ge 0`, holds with the floors too; and
+    :math:`-\tfrac12\log(1-\rho_{ij}^2)`, :math:`\rho_{ij} = G_{ij}/\sqrt{G_{ii}G_{jj}}`.
 
     Args:
         gram: ``(N, d, d)`` Gram matrices (converted to float64).
-        eps: floor on :math:`G_{ii}` and on the Cholesky pivots; columns at or below it are counted as inactive.
+        eps: floor on :math:`G_{ii}` and on the eigenvalues of ``G``; columns at or below it are counted as inactive.
         labels: optional ``(N,)`` class labels in ``[0, num_classes)``; each class gets its own row of sums.
         num_classes: number of classes ``K`` (required with ``labels``).
 
@@ -221,8 +232,8 @@ def gram_statistics(
         :class:`GramStatistics` with ``K`` rows (``K = 1`` without classes).
     """
     gram = check_gram(gram).to(torch.float64)
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
-        raise ValueError(f"Expected `eps` to be a positive float, but got {eps!r}.")
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
+        raise ValueError(f"Expected `eps` to be a positive finite float, but got {eps!r}.")
     n, d, _ = gram.shape
     rows, num_rows = _class_rows(labels, num_classes, n, gram.device)
 
@@ -231,12 +242,25 @@ def gram_statistics(
     log_diag = floored.log()
 
     factor, info = torch.linalg.cholesky_ex(gram)
-    log_det = factor.diagonal(dim1=-2, dim2=-1).square().clamp_min(eps).log().sum(-1)
-    failed = info > 0
+    pivots = factor.diagonal(dim1=-2, dim2=-1).square()
+    # A pivot at the floor, or a tiny fraction of its diagonal entry, means G is (numerically) singular: its pivots
+    # would depend on the latent order and on rounding, so such samples take the eigenvalue clamp, which does not.
+    failed = (info > 0) | (pivots <= (diag * _SINGULAR_PIVOT).clamp_min(eps)).any(-1)
+    if failed.any() and gram.requires_grad:
+        # The derivative of a failed factor is NaN and would poison the gradient: factorise again with those
+        # samples replaced by the identity (their value comes from the eigenvalues below).
+        safe = torch.where(failed[:, None, None], torch.eye(d, dtype=gram.dtype, device=gram.device), gram)
+        pivots = torch.linalg.cholesky_ex(safe)[0].diagonal(dim1=-2, dim2=-1).square()
+    log_det = pivots.clamp_min(eps).log().sum(-1)
     if failed.any():
         index = failed.nonzero().squeeze(1)
         eigenvalues = torch.linalg.eigvalsh(gram[index])
+        # Eigenvalues within rounding of zero (numpy's matrix_rank tolerance) are zero, floored like exact zeros.
+        tolerance = eigenvalues[:, -1:] * (d * torch.finfo(torch.float64).eps)
+        eigenvalues = torch.where(eigenvalues <= tolerance, 0.0, eigenvalues)
         log_det = log_det.index_put((index,), eigenvalues.clamp_min(eps).log().sum(-1))
+    # Hadamard's inequality log det G <= sum_i log G_ii, kept with the floors: MTC >= 0 for every sample.
+    log_det = torch.minimum(log_det, log_diag.sum(-1))
 
     off_diagonal = 1.0 - torch.eye(d, dtype=gram.dtype, device=gram.device)
     pairwise = _pairwise_terms(gram, floored, floored) * off_diagonal
@@ -250,6 +274,38 @@ def gram_statistics(
         num_inactive=_sum_rows((diag <= eps).to(torch.float64), rows, num_rows),
         num_fallback=_sum_rows(failed.to(torch.float64), rows, num_rows),
     )
+
+
+def batch_statistics(
+    jacobian: Tensor | None = None,
+    gram: Tensor | None = None,
+    *,
+    std: Tensor | float | None = None,
+    sigma: Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+) -> GramStatistics:
+    """:func:`gram_statistics` of a batch given as Jacobians ``(N, *output_shape, d)`` or as Gram matrices ``(N, d, d)``.
+
+    Exactly one of ``jacobian`` and ``gram`` must be given. With ``gram``, ``std`` must be a scalar (a per-output data
+    scale needs the Jacobian). Other arguments as in :func:`jacobian_gram` and :func:`gram_statistics`.
+    """
+    if (jacobian is None) == (gram is None):
+        raise ValueError("Expected exactly one of `jacobian` and `gram`, but got " + ("both." if gram is not None else "neither."))
+    if jacobian is not None:
+        gram = jacobian_gram(jacobian, std=std, sigma=sigma)
+    else:
+        gram = check_gram(gram)
+        if std is not None:
+            std = torch.as_tensor(std)
+            if std.numel() != 1:
+                raise ValueError(
+                    f"Expected a scalar `std` with `gram` (a per-output scale needs the Jacobian), but got shape {tuple(std.shape)}."
+                )
+            gram = gram.to(torch.float64) * _check_scale(std, "std").to(gram.device).reshape(()) ** 2
+        gram = _scale_latents(gram.to(torch.float64), sigma)
+    return gram_statistics(gram, eps=eps, labels=labels, num_classes=num_classes)
 
 
 def cross_statistics(
@@ -275,8 +331,8 @@ def cross_statistics(
             f"Expected `reference_jacobian` with the same samples and output shape as `jacobian`, "
             f"i.e. ({', '.join(map(str, jacobian.shape[:-1]))}, d_ref), but got {tuple(reference_jacobian.shape)}."
         )
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
-        raise ValueError(f"Expected `eps` to be a positive float, but got {eps!r}.")
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
+        raise ValueError(f"Expected `eps` to be a positive finite float, but got {eps!r}.")
     n, big_d, d = flat_a.shape
     rows, num_rows = _class_rows(labels, num_classes, n, jacobian.device)
     a = flat_a.to(torch.float64)

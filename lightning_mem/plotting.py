@@ -1,0 +1,133 @@
+"""Figures shared by the Metric classes' ``plot`` and the callback: entropy spectra and mutual-information heatmaps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["plot_entropy_spectrum", "plot_mutual_information"]
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as error:  # pragma: no cover - matplotlib is a dependency
+        raise ModuleNotFoundError("Plotting needs `matplotlib`; install it with `pip install matplotlib`.") from error
+    return plt
+
+
+def _new_axes(ax: Any) -> tuple[Any, Any]:
+    if ax is not None:
+        return ax.get_figure(), ax
+    return _pyplot().subplots(figsize=(6, 4), layout="constrained")
+
+
+def plot_entropy_spectrum(
+    spectra: Tensor | Sequence[Tensor],
+    *,
+    ax: Any = None,
+    labels: Sequence[str] | None = None,
+    color_values: Sequence[float] | None = None,
+    color_label: str = "step",
+    log_x: bool = False,
+    title: str | None = "Entropy spectrum",
+) -> tuple[Any, Any]:
+    r"""Line plot of one or more entropy spectra: :math:`H_i` (nats/dim) against the sorted latent index.
+
+    Args:
+        spectra: a ``(d,)`` spectrum (sorted descending) or a sequence of them (lengths may differ).
+        ax: matplotlib axes to draw on; a new figure when ``None``.
+        labels: a legend label per spectrum.
+        color_values: a number per spectrum (e.g. the training step or beta): lines are coloured by it on a
+            viridis scale with a colour bar, like the paper's beta-VAE spectra figure.
+        color_label: the colour bar's label.
+        log_x: logarithmic x axis (useful for many latents).
+        title: axes title.
+
+    Returns:
+        ``(figure, axes)``.
+
+    Raises:
+        ValueError: if a spectrum is not 1-D, or ``labels`` / ``color_values`` do not match the number of spectra.
+
+    Example:
+        >>> fig, ax = plot_entropy_spectrum([torch.tensor([2.0, 1.0, -3.0]), torch.tensor([1.5, 0.5, -1.0])], color_values=[0, 100])
+        >>> len(ax.lines)
+        2
+    """
+    if isinstance(spectra, Tensor):
+        spectra = [spectra] if spectra.ndim == 1 else list(spectra)
+    spectra = [torch.as_tensor(s).detach().cpu().double() for s in spectra]
+    for i, spectrum in enumerate(spectra):
+        if spectrum.ndim != 1:
+            raise ValueError(f"Expected every spectrum of shape (d,), but spectrum {i} has shape {tuple(spectrum.shape)}.")
+    for name, values in (("labels", labels), ("color_values", color_values)):
+        if values is not None and len(values) != len(spectra):
+            raise ValueError(f"Expected `{name}` with one entry per spectrum ({len(spectra)}), but got {len(values)}.")
+    plt = _pyplot()
+    fig, ax = _new_axes(ax)
+    colors = [None] * len(spectra)
+    if color_values is not None:
+        norm = plt.Normalize(min(color_values), max(color_values) if max(color_values) > min(color_values) else min(color_values) + 1)
+        cmap = plt.get_cmap("viridis")
+        colors = [cmap(norm(v)) for v in color_values]
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=color_label)
+    for i, spectrum in enumerate(spectra):
+        index = torch.arange(1, spectrum.numel() + 1)
+        ax.plot(index.numpy(), spectrum.numpy(), marker="o", markersize=2, color=colors[i], label=None if labels is None else labels[i])
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel("latent (sorted by entropy)")
+    ax.set_ylabel("manifold entropy $H_i$ (nats/dim)")
+    if title:
+        ax.set_title(title)
+    if labels is not None:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def plot_mutual_information(
+    matrix: Tensor,
+    *,
+    ax: Any = None,
+    title: str | None = "Manifold pairwise mutual information",
+    xlabel: str = "latent j",
+    ylabel: str = "latent i",
+    colorbar_label: str = "nats",
+) -> tuple[Any, Any]:
+    """Heatmap of a mutual-information matrix (MPMI ``(d, d)`` or MCPMI ``(d, d_ref)``) with a colour bar.
+
+    Args:
+        matrix: 2-D tensor.
+        ax: matplotlib axes to draw on; a new figure when ``None``.
+        title, xlabel, ylabel, colorbar_label: text.
+
+    Returns:
+        ``(figure, axes)``.
+
+    Raises:
+        ValueError: if ``matrix`` is not 2-D.
+
+    Example:
+        >>> fig, ax = plot_mutual_information(torch.tensor([[0.0, 0.3], [0.3, 0.0]]))
+        >>> ax.get_title()
+        'Manifold pairwise mutual information'
+    """
+    matrix = torch.as_tensor(matrix).detach().cpu().double()
+    if matrix.ndim != 2:
+        raise ValueError(f"Expected `matrix` of shape (d, d_ref), but got {tuple(matrix.shape)}.")
+    fig, ax = _new_axes(ax)
+    image = ax.imshow(matrix.numpy(), cmap="magma", vmin=0.0, interpolation="nearest", aspect="auto")
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return fig, ax
