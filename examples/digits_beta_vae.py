@@ -120,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             out / "digits_beta_vae_spectra.png",
             title="beta-VAE entropy spectra on 8x8 digits",
             threshold=STANDARD_NORMAL_ENTROPY + math.log(args.threshold),
+            color_values=[math.log10(run["beta"]) for run in runs],
+            color_label="log10 beta",
         )
         print(f"figure: {figure}")
     results = {

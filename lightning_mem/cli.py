@@ -69,8 +69,6 @@ def _demo(args: argparse.Namespace) -> int:
     print(
         format_metrics(result["metrics"], title=f"Manifold entropic metrics of the demo {result['model']} after {result['steps']} steps:")
     )
-    if not result["callback"]:
-        print("(ManifoldEntropicMetricsCallback is not in this installation: only the final metrics were logged.)")
     print()
     print(f"spectrum figure   {result['spectrum_png']}")
     print(f"MPMI figure       {result['mutual_information_png']}")

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from lightning_mem.datasets import load_digits, make_two_moons, tensor_dataloader
-from lightning_mem.evaluate import decoder_metrics, save_mutual_information_figure, save_spectrum_figure
+from lightning_mem.evaluate import save_mutual_information_figure, save_spectrum_figure
 from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD, STANDARD_NORMAL_ENTROPY
 from lightning_mem.models import BetaVAE, CouplingFlow
 
@@ -41,7 +41,7 @@ converged models); 0.1 separates the two groups and agrees with the KL-based cou
 DEMO_LATENT_DIM = 16
 DEMO_BATCH_SIZE = 128
 DEMO_NUM_EVALUATIONS = 10
-"""Evaluations of the callback over the run (plus one at the start)."""
+"""Evaluations of the callback over the run (plus one before the first step)."""
 
 _QUIET_WARNINGS = (
     ".*does not have many workers.*",
@@ -132,17 +132,6 @@ def build_demo(model: DemoModel, *, seed: int = 0) -> tuple[LightningModule, Dat
     raise ValueError(f"Expected `model` to be one of {MODELS}, but got {model!r}.")
 
 
-def _metrics_callback(steps: int, seed: int, active_threshold: float) -> Callback | None:
-    """The package's Lightning callback, or ``None`` while this installation does not provide it."""
-    try:
-        from lightning_mem import ManifoldEntropicMetricsCallback
-    except ImportError:
-        return None
-    return ManifoldEntropicMetricsCallback(
-        every_n_train_steps=max(steps // DEMO_NUM_EVALUATIONS, 1), every_n_epochs=None, active_threshold=active_threshold, seed=seed
-    )
-
-
 def run_demo(
     *,
     steps: int | None = None,
@@ -153,32 +142,39 @@ def run_demo(
     progress_bar: bool = True,
     num_threads: int | None = 1,
 ) -> dict[str, object]:
-    r"""Train the demo model with Lightning and the metrics callback, then evaluate and summarise it.
+    r"""Train the demo model with Lightning and :class:`~lightning_mem.ManifoldEntropicMetricsCallback`, and summarise it.
 
     .. math::
         H_i = h_0 + \tfrac12\mathbb{E}_{z \sim N(0,I)}[\log G_{ii}(z)],\quad H,\quad \mathrm{MTC},\quad \mathrm{MPMI}
 
-    TensorBoard event files go to ``out/demo_<model>/version_<k>``; the final metrics (at ``num_samples`` prior
-    samples of a seeded ``torch.Generator``) are also logged there under ``final/``, and ``spectrum.png``,
-    ``pairwise_mutual_information.png`` and ``final.ckpt`` are written next to them.
+    The callback evaluates the decoder at ``num_samples`` fixed prior samples
+    ``torch.randn(num_samples, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)`` before
+    training, every ``steps / 10`` steps and at the end, and logs curves and figures to TensorBoard in
+    ``out/demo_<model>/version_<k>``. The returned metrics are those of its last evaluation; ``spectrum.png`` (the
+    spectra of all evaluations, coloured by step), ``pairwise_mutual_information.png`` and ``final.ckpt`` are
+    written next to the event files.
 
     Args:
         steps: optimizer steps (default :data:`DEFAULT_STEPS` of the model).
         out: root folder of the TensorBoard runs.
-        seed: seed of everything (data order, initialisation, sampling; Lightning's ``seed_everything``).
+        seed: seed of everything (data order, initialisation, sampling; Lightning's ``seed_everything``) and of
+            the callback's latents.
         model: ``"vae"`` (beta-VAE on 8x8 digits) or ``"flow"`` (coupling flow on two moons).
-        num_samples: prior samples for the final evaluation.
+        num_samples: prior samples of every evaluation.
         progress_bar: show Lightning's progress bar.
         num_threads: torch intra-op threads while training (restored afterwards); ``None`` keeps the current setting.
 
     Returns:
-        ``metrics`` (dict of tensors, see :func:`lightning_mem.evaluate.decoder_metrics`), ``model``, ``steps``,
-        ``log_dir``, ``spectrum_png``, ``mutual_information_png``, ``checkpoint``, ``module_class``,
-        ``tensorboard_command``, ``callback`` (whether the metrics callback ran), ``train_time_s``, ``wall_time_s``.
+        ``metrics`` (the callback's ``last_metrics``: the keys of :class:`~lightning_mem.ManifoldEntropicMetrics`
+        plus ``eval_time`` and ``drift/...``), ``history`` (the callback's ``[{"step", "spectrum"}]``), ``model``,
+        ``steps``, ``log_dir``, ``spectrum_png``, ``mutual_information_png``, ``checkpoint``, ``module_class``,
+        ``tensorboard_command``, ``train_time_s``, ``wall_time_s``.
 
     Raises:
         ValueError: for an unknown ``model`` or a non-positive ``steps``/``num_samples``.
     """
+    from lightning_mem.callback import ManifoldEntropicMetricsCallback
+
     start = time.perf_counter()
     if model not in MODELS:
         raise ValueError(f"Expected `model` to be one of {MODELS}, but got {model!r}.")
@@ -191,48 +187,39 @@ def run_demo(
     threshold = DIGITS_ACTIVE_THRESHOLD if model == "vae" else DEFAULT_ACTIVE_THRESHOLD
     out = Path(out)
     logger = TensorBoardLogger(save_dir=str(out), name=f"demo_{model}", default_hp_metric=False)
-    callback = _metrics_callback(steps, seed, threshold)
+    latents = torch.randn(num_samples, module.latent_dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    callback = ManifoldEntropicMetricsCallback(
+        latents=latents,
+        every_n_train_steps=max(steps // DEMO_NUM_EVALUATIONS, 1),
+        every_n_epochs=None,
+        active_threshold=threshold,
+        seed=seed,
+    )
     train_start = time.perf_counter()
     with intra_op_threads(num_threads):
-        trainer = fit(
-            module, loader, steps=steps, progress_bar=progress_bar, logger=logger, callbacks=[] if callback is None else [callback]
-        )
+        trainer = fit(module, loader, steps=steps, progress_bar=progress_bar, logger=logger, callbacks=[callback])
     train_time = time.perf_counter() - train_start
 
     log_dir = Path(logger.log_dir)
     checkpoint = log_dir / "final.ckpt"
     trainer.save_checkpoint(checkpoint)
-    module.eval()
-    d = module.latent_dim
-    z = torch.randn(num_samples, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(module.dtype)
-    with intra_op_threads(num_threads):
-        metrics = decoder_metrics(module.decoder, z, chunk_size=64, active_threshold=threshold)
+    metrics = callback.last_metrics
+    history = callback.history
     spectrum_png = save_spectrum_figure(
-        {f"step {trainer.global_step}": metrics["latent_entropy"]},
+        {f"step {entry['step']}": entry["spectrum"] for entry in history},
         log_dir / "spectrum.png",
-        title=f"Entropy spectrum of the demo {model}",
+        title=f"Entropy spectrum of the demo {model} during training",
         threshold=STANDARD_NORMAL_ENTROPY + math.log(threshold),
+        color_values=[entry["step"] for entry in history],
+        color_label="training step",
     )
     mutual_information_png = save_mutual_information_figure(
         metrics["pairwise_mutual_information"], log_dir / "pairwise_mutual_information.png"
     )
-    scalars = {
-        f"final/{key}": float(metrics[key])
-        for key in (
-            "entropy",
-            "entropy_per_dim",
-            "total_correlation",
-            "total_correlation_per_dim",
-            "num_active",
-            "pairwise_mutual_information_max",
-            "pairwise_mutual_information_mean",
-        )
-    }
-    logger.log_metrics(scalars, step=trainer.global_step)
-    logger.experiment.add_image("final/spectrum", _png_as_chw(spectrum_png), global_step=trainer.global_step)
     logger.finalize("success")
     return {
         "metrics": metrics,
+        "history": history,
         "model": model,
         "steps": trainer.global_step,
         "log_dir": str(log_dir),
@@ -241,15 +228,6 @@ def run_demo(
         "checkpoint": str(checkpoint),
         "module_class": f"{type(module).__module__}:{type(module).__qualname__}",
         "tensorboard_command": f"tensorboard --logdir {out}",
-        "callback": callback is not None,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - start,
     }
-
-
-def _png_as_chw(path: Path) -> torch.Tensor:
-    """Read a PNG written by matplotlib as a ``(3, H, W)`` float tensor for ``SummaryWriter.add_image``."""
-    import matplotlib.image
-
-    image = torch.as_tensor(matplotlib.image.imread(path))
-    return image[..., :3].permute(2, 0, 1).contiguous()

@@ -6,23 +6,17 @@ import importlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS, entropy_spectrum, num_active_latents
-from lightning_mem.functional.statistics import (
-    GramStatistics,
-    finish_entropy,
-    finish_pairwise_mutual_information,
-    finish_total_correlation,
-    gram_statistics,
-    jacobian_gram,
-)
+from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS, entropy_spectrum
 from lightning_mem.jacobian import iter_decoder_jacobians
+from lightning_mem.metrics import ManifoldEntropicMetrics
 
 __all__ = [
     "decoder_metrics",
@@ -138,10 +132,6 @@ def resolve_latent_dim(module: torch.nn.Module, latent_dim: int | None = None) -
     return latent_dim
 
 
-def _add(total: GramStatistics | None, batch: GramStatistics) -> GramStatistics:
-    return batch if total is None else GramStatistics(*(a + b for a, b in zip(total, batch, strict=True)))
-
-
 def decoder_metrics(
     decoder: Callable,
     z: Tensor,
@@ -153,14 +143,14 @@ def decoder_metrics(
     active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
     progress: bool = False,
 ) -> dict[str, Tensor]:
-    r"""Every manifold entropic metric of a decoder at latents ``z``, in the key layout of ``ManifoldEntropicMetrics``.
+    r"""Every manifold entropic metric of a decoder at latents ``z``: :class:`~lightning_mem.ManifoldEntropicMetrics` over chunks.
 
     .. math::
         H_i = h_0 + \tfrac12\mathbb{E}[\log G_{ii}],\quad H = d\,h_0 + \tfrac12\mathbb{E}[\log\det G],\quad
         \mathrm{MTC} = \textstyle\sum_i H_i - H,\quad \mathrm{MPMI}_{ij} = -\tfrac12\mathbb{E}[\log(1-\rho_{ij}^2)]
 
-    The Jacobians are computed ``chunk_size`` samples at a time and reduced to summable float64 statistics, so
-    memory stays bounded; a tqdm progress bar counts the chunks when ``progress`` is set.
+    The Jacobians are computed ``chunk_size`` samples at a time and added to the Metric's float64 sums, so memory
+    stays bounded; a tqdm progress bar counts the chunks when ``progress`` is set.
 
     Args:
         decoder: callable ``z -> x`` (in eval mode).
@@ -172,10 +162,11 @@ def decoder_metrics(
         progress: show a progress bar.
 
     Returns:
-        Dict of float64 tensors: ``entropy``, ``entropy_per_dim``, ``latent_entropy`` (d,), ``spectrum`` (d,),
-        ``spectrum_order`` (d,) long, ``num_active``, ``total_correlation``, ``total_correlation_per_dim``,
-        ``pairwise_mutual_information`` (d, d), ``pairwise_mutual_information_max``,
-        ``pairwise_mutual_information_mean`` (over off-diagonal pairs), ``num_fallback``, ``num_inactive`` (d,).
+        The dict of :meth:`ManifoldEntropicMetrics.compute <lightning_mem.ManifoldEntropicMetrics.compute>`:
+        ``entropy``, ``entropy_per_dim``, ``latent_entropy`` (d,), ``spectrum`` (d,), ``spectrum_order`` (d,),
+        ``num_active``, ``total_correlation``, ``total_correlation_per_dim``, ``pairwise_mutual_information``
+        (d, d), ``pairwise_mutual_information_max``, ``pairwise_mutual_information_mean``, ``num_fallback``,
+        ``num_classes_seen``.
 
     Example:
         >>> decoder = torch.nn.Linear(2, 3, bias=False)
@@ -190,35 +181,14 @@ def decoder_metrics(
     """
     from tqdm.auto import tqdm
 
-    num_chunks = math.ceil(z.shape[0] / chunk_size)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"Expected `chunk_size` to be a positive int, but got {chunk_size!r}.")
+    metric = ManifoldEntropicMetrics(z.shape[-1], std=std, eps=eps, active_threshold=active_threshold).to(z.device)
     chunks = iter_decoder_jacobians(decoder, z, mode=mode, chunk_size=chunk_size)
-    total: GramStatistics | None = None
+    num_chunks = math.ceil(z.shape[0] / chunk_size)
     for jacobian in tqdm(chunks, total=num_chunks, desc="manifold entropic metrics", unit="chunk", disable=not progress, leave=False):
-        total = _add(total, gram_statistics(jacobian_gram(jacobian, std=std), eps=eps))
-    if total is None:
-        raise ValueError(f"Expected `z` with at least one sample, but got shape {tuple(z.shape)}.")
-    d = z.shape[1]
-    latent_entropy, entropy = finish_entropy(total)
-    spectrum, order = entropy_spectrum(latent_entropy)
-    pairwise = finish_pairwise_mutual_information(total)
-    off_diagonal = pairwise[~torch.eye(d, dtype=torch.bool, device=pairwise.device)]
-    total_correlation = finish_total_correlation(total)
-    zero = pairwise.new_zeros(())
-    return {
-        "entropy": entropy,
-        "entropy_per_dim": entropy / d,
-        "latent_entropy": latent_entropy,
-        "spectrum": spectrum,
-        "spectrum_order": order,
-        "num_active": num_active_latents(latent_entropy, active_threshold),
-        "total_correlation": total_correlation,
-        "total_correlation_per_dim": total_correlation / d,
-        "pairwise_mutual_information": pairwise,
-        "pairwise_mutual_information_max": off_diagonal.max() if d > 1 else zero,
-        "pairwise_mutual_information_mean": off_diagonal.mean() if d > 1 else zero,
-        "num_fallback": total.num_fallback.sum(),
-        "num_inactive": total.num_inactive.sum(0),
-    }
+        metric.update(jacobian)
+    return metric.compute()
 
 
 def format_metrics(metrics: Mapping[str, Tensor | float], *, top_k: int = 5, title: str | None = None) -> str:
@@ -251,13 +221,24 @@ def format_metrics(metrics: Mapping[str, Tensor | float], *, top_k: int = 5, tit
     return "\n".join(lines)
 
 
-def _pyplot():
+def _subplots(figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A new figure on matplotlib's non-interactive Agg backend (files only, no display needed)."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt.subplots(figsize=figsize, dpi=100, layout="constrained")
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def save_spectrum_figure(
@@ -268,63 +249,54 @@ def save_spectrum_figure(
     reference: Tensor | None = None,
     reference_label: str = "ground truth",
     threshold: float | None = None,
+    color_values: Sequence[float] | None = None,
+    color_label: str = "step",
 ) -> Path:
-    r"""Plot one or more entropy spectra (sorted :math:`H_i` against rank) into a small PNG (matplotlib, Agg).
+    r"""Draw one or more entropy spectra (sorted :math:`H_i` against rank) with :mod:`lightning_mem.plotting` into a PNG.
 
     Args:
         spectra: label -> ``(d,)`` per-latent entropies (sorted here, descending).
         path: output PNG path (parent folders are created).
         title: figure title.
-        reference: optional ``(d,)`` ground-truth spectrum, drawn dashed.
+        reference: optional ``(d,)`` ground-truth entropies, drawn dashed (sorted here).
         reference_label: its legend label.
-        threshold: optional active-dim level (nats), drawn as a horizontal line.
+        threshold: optional active-latent level :math:`h_0 + \log(\text{threshold})` in nats, a dotted line.
+        color_values: a number per spectrum (e.g. beta) to colour the lines by, with a colour bar.
+        color_label: the colour bar's label.
 
     Returns:
         The path written.
     """
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=100)
-    colors = plt.get_cmap("viridis")
-    for k, (label, values) in enumerate(spectra.items()):
-        spectrum = entropy_spectrum(torch.as_tensor(values, dtype=torch.float64).detach().cpu())[0]
-        ranks = torch.arange(1, spectrum.numel() + 1)
-        ax.plot(ranks, spectrum, marker="o", markersize=3, color=colors(k / max(len(spectra) - 1, 1)), label=label)
+    from lightning_mem.plotting import plot_entropy_spectrum
+
+    fig, ax = _subplots((5.2, 3.6))
+    sorted_spectra = [entropy_spectrum(torch.as_tensor(values, dtype=torch.float64).detach().cpu())[0] for values in spectra.values()]
+    labels = None if color_values is not None else list(spectra)  # a colour bar replaces the legend
+    plot_entropy_spectrum(sorted_spectra, ax=ax, labels=labels, color_values=color_values, color_label=color_label, title=title)
     if reference is not None:
-        spectrum = entropy_spectrum(torch.as_tensor(reference, dtype=torch.float64).detach().cpu())[0]
-        ax.plot(torch.arange(1, spectrum.numel() + 1), spectrum, "k--", label=reference_label)
+        truth = entropy_spectrum(torch.as_tensor(reference, dtype=torch.float64).detach().cpu())[0]
+        ax.plot(torch.arange(1, truth.numel() + 1).numpy(), truth.numpy(), "k--", label=reference_label)
     if threshold is not None:
         ax.axhline(threshold, color="gray", linewidth=0.8, linestyle=":", label="active threshold")
-    ax.set_xlabel("rank")
-    ax.set_ylabel("manifold entropy $H_i$ (nats)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    if labels is not None or reference is not None or threshold is not None:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
 
 
 def save_mutual_information_figure(
-    matrix: Tensor, path: str | Path, *, title: str = "Manifold pairwise MI (nats)", xlabel: str = "latent j", ylabel: str = "latent i"
+    matrix: Tensor,
+    path: str | Path,
+    *,
+    title: str = "Manifold pairwise mutual information",
+    xlabel: str = "latent j",
+    ylabel: str = "latent i",
 ) -> Path:
-    """Plot an MPMI or MCPMI matrix as a heatmap into a small PNG (matplotlib, Agg) and return the path."""
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    matrix = torch.as_tensor(matrix, dtype=torch.float64).detach().cpu()
-    fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=100)
-    image = ax.imshow(matrix.numpy(), cmap="magma", vmin=0.0)
-    fig.colorbar(image, ax=ax)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    """Draw an MPMI or MCPMI matrix as a heatmap with :mod:`lightning_mem.plotting` into a PNG and return the path."""
+    from lightning_mem.plotting import plot_mutual_information
+
+    fig, ax = _subplots((4.6, 3.8))
+    plot_mutual_information(torch.as_tensor(matrix), ax=ax, title=title, xlabel=xlabel, ylabel=ylabel)
+    return _save(fig, path)
 
 
 def _jsonable(value: object) -> object:
