@@ -5,7 +5,7 @@ active latents (high manifold entropy) and switched-off ones (a plateau far belo
 latents is non-increasing in beta. Each run's active count from the manifold entropy is checked against the
 classic, independent "active units" count from the encoder's KL divergence per latent.
 
-Run ``python examples/digits_beta_vae.py`` (about 2 minutes on 2 CPU cores) or ``--fast`` (the test suite's size).
+Run ``python examples/digits_beta_vae.py`` (about 3 minutes on 2 CPU cores) or ``--fast`` (the test suite's size).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ and compare ``H_core = H_0``, ``H_detail = H_1``, their mutual information ``MPM
 ``H``. The paper: all three fit equally well (same ``H``); only the third is aligned (``H_core >> H_detail``) and
 disentangled (MI ~ 0); the second is disentangled but not aligned; the first neither.
 
-Run ``python examples/two_moons_flow.py`` (a few minutes on 2 CPU cores) or ``--fast`` (the test suite's size).
+Run ``python examples/two_moons_flow.py`` (about 4 minutes on 2 CPU cores) or ``--fast`` (the test suite's size).
 """
 
 from __future__ import annotations

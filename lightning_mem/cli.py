@@ -23,6 +23,7 @@ def _positive_int(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from lightning_mem.demo import MODELS
+    from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD
 
     parser = argparse.ArgumentParser(
         prog=_PROG, description="Manifold entropic metrics of generative models (Galperin & Köthe, AISTATS 2025)."
@@ -55,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--decoder", default=None, help="decoder attribute or method (default: decoder, then decode)")
     evaluate.add_argument("--latent-dim", type=_positive_int, default=None, help="latent size (default: module.latent_dim)")
     evaluate.add_argument("--chunk-size", type=_positive_int, default=64, help="samples differentiated at once (default: 64)")
+    evaluate.add_argument(
+        "--active-threshold",
+        type=float,
+        default=DEFAULT_ACTIVE_THRESHOLD,
+        help=f"a latent is active when exp(H_i - h0), its geometric-mean column norm, exceeds this (default {DEFAULT_ACTIVE_THRESHOLD})",
+    )
     evaluate.add_argument("--double", action="store_true", help="evaluate the decoder in float64")
     evaluate.add_argument("--no-progress-bar", action="store_true", help="hide the progress bar")
     return parser
@@ -77,7 +84,10 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"wall time         {result['wall_time_s']:.1f} s (training {result['train_time_s']:.1f} s)")
     print()
     print("View the run:       " + result["tensorboard_command"])
-    print(f"Evaluate it again:  {_PROG} evaluate --module-class {result['module_class']} --checkpoint {result['checkpoint']}")
+    print(
+        f"Evaluate it again:  {_PROG} evaluate --module-class {result['module_class']} --checkpoint {result['checkpoint']} "
+        f"--active-threshold {result['active_threshold']}"
+    )
     return 0
 
 
@@ -95,6 +105,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             latent_dim=args.latent_dim,
             chunk_size=args.chunk_size,
             double=args.double,
+            active_threshold=args.active_threshold,
             progress=not args.no_progress_bar,
         )
     except (FileNotFoundError, ImportError, TypeError, ValueError, RuntimeError) as error:

@@ -168,7 +168,7 @@ def run_demo(
         ``metrics`` (the callback's ``last_metrics``: the keys of :class:`~lightning_mem.ManifoldEntropicMetrics`
         plus ``eval_time`` and ``drift/...``), ``history`` (the callback's ``[{"step", "spectrum"}]``), ``model``,
         ``steps``, ``log_dir``, ``spectrum_png``, ``mutual_information_png``, ``checkpoint``, ``module_class``,
-        ``tensorboard_command``, ``train_time_s``, ``wall_time_s``.
+        ``tensorboard_command``, ``active_threshold``, ``train_time_s``, ``wall_time_s``.
 
     Raises:
         ValueError: for an unknown ``model`` or a non-positive ``steps``/``num_samples``.
@@ -202,7 +202,7 @@ def run_demo(
 
     log_dir = Path(logger.log_dir)
     checkpoint = log_dir / "final.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    trainer.save_checkpoint(checkpoint, weights_only=False)  # a full checkpoint: it can resume the run
     metrics = callback.last_metrics
     history = callback.history
     spectrum_png = save_spectrum_figure(
@@ -228,6 +228,7 @@ def run_demo(
         "checkpoint": str(checkpoint),
         "module_class": f"{type(module).__module__}:{type(module).__qualname__}",
         "tensorboard_command": f"tensorboard --logdir {out}",
+        "active_threshold": threshold,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - start,
     }

@@ -14,7 +14,7 @@ from lightning_mem.cli import main
 from lightning_mem.demo import run_demo
 from lightning_mem.functional import STANDARD_NORMAL_ENTROPY
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*treespec, LeafSpec.*:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*treespec, LeafSpec.*")
 
 
 def _events(log_dir):

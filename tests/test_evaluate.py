@@ -16,7 +16,7 @@ from lightning_mem.cli import main
 from lightning_mem.evaluate import evaluate_checkpoint, load_module
 from lightning_mem.functional import STANDARD_NORMAL_ENTROPY
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*treespec, LeafSpec.*:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*treespec, LeafSpec.*")
 
 # A user's own package, written to tmp_path: modules are loaded by import path as a user would.
 USER_MODULES = textwrap.dedent(
@@ -156,7 +156,7 @@ def test_cli_round_trip_in_a_second_process(user_package, tmp_path):
     checkpoint = _write_checkpoint(LinearDecoderModule(WEIGHT), tmp_path / "linear.ckpt", 3)
     out = tmp_path / "cli_report"
     command = [sys.executable, "-m", "lightning_mem", "evaluate", "--module-class", "user_models:LinearDecoderModule"]
-    command += ["--checkpoint", str(checkpoint), "--out", str(out), "--num-samples", "8"]
+    command += ["--checkpoint", str(checkpoint), "--out", str(out), "--num-samples", "8", "--active-threshold", "1.0"]
     env = {**os.environ, "PYTHONPATH": str(user_package)}
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
@@ -165,6 +165,8 @@ def test_cli_round_trip_in_a_second_process(user_package, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["entropy"] == pytest.approx(float(entropy), abs=1e-9)
     assert report["total_correlation"] == pytest.approx(float(total_correlation), abs=1e-9)
+    column_norms = torch.tensor(WEIGHT).norm(dim=0)  # 1.41, 2.06, 0.56: two columns above the threshold 1.0
+    assert report["num_active"] == int((column_norms > 1.0).sum()) == 2 and report["active_threshold"] == 1.0
     assert f"{float(entropy):.3f} nats" in done.stdout and str(out / "spectrum.png") in done.stdout
 
 

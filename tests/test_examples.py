@@ -6,13 +6,14 @@ and the encoder's KL divergence (an independent count of active latents).
 """
 
 import importlib.util
+import itertools
 from pathlib import Path
 
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*treespec, LeafSpec.*:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*treespec, LeafSpec.*")
 
 
 def _example(name):
@@ -80,7 +81,7 @@ def test_digits_active_latents_fall_as_beta_grows(tmp_path):
     betas, active, active_kl = results["betas"], results["num_active"], results["num_active_kl"]
     assert betas == sorted(betas) and len(betas) >= 4
     # the paper's beta-VAE finding: the number of active latents is non-increasing in beta, down to none
-    assert all(a >= b for a, b in zip(active, active[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(active))
     assert active[0] >= 4 and active[-1] == 0
     # the manifold-entropy count agrees with the encoder's KL-based count of active units
     for mem, kl in zip(active, active_kl, strict=True):
