@@ -47,7 +47,6 @@ _QUIET_WARNINGS = (
     ".*does not have many workers.*",
     ".*smaller than the logging interval.*",
     ".*treespec, LeafSpec.*",
-    ".*`weights_only` was not set.*",
 )
 """Lightning notices that say nothing about the demo (in-memory data needs no workers; internal deprecations)."""
 
@@ -56,8 +55,9 @@ _QUIET_WARNINGS = (
 def intra_op_threads(num_threads: int | None) -> Iterator[None]:
     """Run the block with ``torch.set_num_threads(num_threads)`` and restore the previous number afterwards.
 
-    The demo's models are tiny: one intra-op thread is as fast as several on an idle machine and avoids the large
-    slow-down of oversubscribed threads on a busy one. ``None`` leaves the setting alone.
+    The demo's models are tiny, so a second intra-op thread buys little, while on a busy machine oversubscribed
+    threads slowed a training step of the two-moons flow about 20-fold (measured on the 2-core CI machine).
+    ``None`` leaves the setting alone.
     """
     if num_threads is None:
         yield
