@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Literal
 
 import torch
@@ -126,30 +127,33 @@ def _traced_jacobian(decoder: Callable, z: Tensor, condition: Tensor | None, for
     return vmap(jacobian_of(one_sample), in_dims=in_dims)(z, condition)
 
 
-def _loop_jacobian(decoder: Callable, z: Tensor, condition: Tensor | None, forward: bool) -> Tensor:
+def _loop_jacobian(decoder: Callable, z: Tensor, condition: Tensor | None, forward: bool, create_graph: bool) -> Tensor:
     """Jacobian by plain autograd: ``d`` forward-mode JVPs or one backward pass per output entry."""
     n, d = z.shape
     if forward:
         columns = []
         # Every column pass starts from the same RNG state, so a random layer (dropout in training mode) draws the
         # same mask in each of the ``d`` passes: one consistent Jacobian per sample, as in the single reverse pass.
-        accelerator = z.device.type != "cpu"
-        rng_devices = [z.device] if accelerator else []
-        rng_device_type = z.device.type if accelerator else None
+        on_cpu = z.device.type == "cpu"
+        fork_rng = partial(torch.random.fork_rng, devices=[])
+        if not on_cpu:
+            fork_rng = partial(torch.random.fork_rng, devices=[z.device], device_type=z.device.type)
         with forward_ad.dual_level():
             for i in range(d):
                 tangent = torch.zeros_like(z)
                 tangent[:, i] = 1
-                with torch.random.fork_rng(devices=rng_devices, device_type=rng_device_type):
+                with fork_rng():
                     out = _call(decoder, forward_ad.make_dual(z, tangent), condition)
                 columns.append(forward_ad.unpack_dual(out).tangent)
         return torch.stack(columns, dim=-1)
     with torch.enable_grad():
-        z_ = z.detach().requires_grad_(True)
+        z_ = z if z.requires_grad and create_graph else z.detach().requires_grad_(True)
         out = _call(decoder, z_, condition)
         flat = out.reshape(n, -1)
         rows = [
-            torch.autograd.grad(flat[:, k].sum(), z_, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
+            torch.autograd.grad(
+                flat[:, k].sum(), z_, retain_graph=True, create_graph=create_graph, allow_unused=True, materialize_grads=True
+            )[0]
             for k in range(flat.shape[1])
         ]
     return torch.stack(rows, dim=1).reshape(*out.shape, d)
@@ -199,7 +203,7 @@ def iter_decoder_jacobians(
                     )
                     traced = False
             if not traced:
-                jacobian = _loop_jacobian(decoder, z_chunk, c_chunk, forward)
+                jacobian = _loop_jacobian(decoder, z_chunk, c_chunk, forward, create_graph)
         yield jacobian if create_graph else jacobian.detach()
 
 

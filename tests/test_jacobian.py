@@ -261,8 +261,9 @@ def test_create_graph_gradient_of_entropy_equals_closed_form_for_linear_decoder(
 
 
 @pytest.mark.parametrize("mode", ["forward", "reverse", "loop"])
-def test_create_graph_gradient_equals_autograd_for_nonlinear_decoder(mode):
-    decoder, z, _, _ = make_case("mlp", seed=6)
+@pytest.mark.parametrize("case", ["mlp", "narrow"])  # narrow: D < d, so "loop" runs backward passes
+def test_create_graph_gradient_equals_autograd_for_nonlinear_decoder(mode, case):
+    decoder, z, _, _ = make_case(case, seed=6)
     weights = [p for p in decoder.parameters()]
 
     jacobian = decoder_jacobian(decoder, z, mode=mode, create_graph=True)
