@@ -105,6 +105,10 @@ def check_gram(gram: Tensor, name: str = "gram", latent_dim: int | None = None) 
 
 
 def _check_finite(tensor: Tensor, name: str) -> None:
+    # Fast path: a finite sum proves every entry finite (NaN and inf propagate through a sum); only a non-finite sum
+    # (a bad entry, or an overflowing sum of finite entries) pays for the per-sample search below.
+    if bool(torch.isfinite(tensor.detach().sum())):
+        return
     bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
     if bad.any():
         raise ValueError(
@@ -136,7 +140,13 @@ def jacobian_gram(jacobian: Tensor, *, std: Tensor | float | None = None, sigma:
             multiplied by ``sigma[i]`` (metrics w.r.t. the standard-normal noise).
 
     Returns:
-        ``(N, d, d)`` float64.
+        ``(N, d, d)`` float64. A float64 Jacobian (or one that requires grad) gives the float64 product. A float32
+        (or lower precision) Jacobian is multiplied in float32 over blocks of at most 2048 output entries whose
+        products are summed in float64 (several times faster on CPU than converting the Jacobian to float64); samples
+        whose columns are nearly dependent (a Cholesky pivot below 1e-2 of its diagonal entry), where the float32
+        rounding of :math:`G` would dominate :math:`\log\det G` and the pairwise terms, are recomputed in float64.
+        Kept float32 products agree with the float64 product of the same Jacobian to about 1e-6 relative to
+        :math:`\|J_i\|\|J_j\|`, and the metrics finished from them to about 1e-5 nats.
 
     Example:
         >>> jacobian_gram(torch.tensor([[[1.0, 0.0], [1.0, 2.0]]]), std=2.0)
@@ -145,7 +155,8 @@ def jacobian_gram(jacobian: Tensor, *, std: Tensor | float | None = None, sigma:
     """
     flat = check_jacobian(jacobian)
     big_d = flat.shape[1]
-    flat = flat.to(torch.float64)
+    if flat.dtype != torch.float64:
+        flat = flat.to(torch.float32)
     scalar_std = None
     if std is not None:
         std = torch.as_tensor(std)
@@ -157,11 +168,42 @@ def jacobian_gram(jacobian: Tensor, *, std: Tensor | float | None = None, sigma:
                     f"Expected `std` to be a scalar or of shape {tuple(jacobian.shape[1:-1])} (the output shape) or ({big_d},), "
                     f"but got {tuple(std.shape)}."
                 )
-            flat = flat * _check_scale(std, "std").to(flat.device).reshape(1, big_d, 1)
-    gram = flat.mT @ flat
+            flat = flat * _check_scale(std, "std").to(device=flat.device, dtype=flat.dtype).reshape(1, big_d, 1)
+    gram = _gram(flat)
     if scalar_std is not None:
         gram = gram * scalar_std.to(gram.device) ** 2
     return _scale_latents(gram, sigma)
+
+
+_GRAM_BLOCK = 2048
+"""Output entries per float32 partial Gram product; the partial products are summed in float64."""
+
+_GRAM_FLOAT32_MIN_PIVOT = 1e-2
+"""A float32 Gram matrix is kept only where every Cholesky pivot is at least this fraction of its diagonal entry."""
+
+
+def _gram(flat: Tensor) -> Tensor:
+    """``flat^T flat`` of a ``(N, D, d)`` float64 or float32 Jacobian, returned in float64 (see :func:`jacobian_gram`)."""
+    if flat.dtype == torch.float64 or flat.requires_grad:
+        flat = flat.to(torch.float64)
+        return flat.mT @ flat
+    gram = None
+    for start in range(0, flat.shape[1], _GRAM_BLOCK):
+        block = flat[:, start : start + _GRAM_BLOCK]
+        partial = (block.mT @ block).to(torch.float64)
+        gram = partial if gram is None else gram.add_(partial)
+    # The float32 products carry errors of order 1e-6 |J_i| |J_j|. They are harmless unless some column is nearly in
+    # the span of the others (pivot ratio L_ii^2 / G_ii = sin^2 of its angle to the previous columns, which also bounds
+    # every 1 - rho_ij^2 from above): there log det G and the pairwise terms would amplify them, so such samples (and
+    # those whose factorisation fails, e.g. with an inactive column) are recomputed from the float64 Jacobian.
+    factor, info = torch.linalg.cholesky_ex(gram)
+    pivot_ratio = factor.diagonal(dim1=-2, dim2=-1).square() / gram.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    redo = (info > 0) | (pivot_ratio.amin(-1) < _GRAM_FLOAT32_MIN_PIVOT)
+    if redo.any():
+        index = redo.nonzero().squeeze(1)
+        exact = flat[index].to(torch.float64)
+        gram[index] = exact.mT @ exact
+    return gram
 
 
 def _scale_latents(gram: Tensor, sigma: Tensor | None, name: str = "sigma") -> Tensor:
@@ -194,6 +236,8 @@ def _class_rows(labels: Tensor | None, num_classes: int | None, n: int, device: 
 
 
 def _sum_rows(values: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    if num_rows == 1:
+        return values.sum(0, keepdim=True)
     out = values.new_zeros((num_rows, *values.shape[1:]))
     return out.index_add(0, rows, values)
 
@@ -202,6 +246,20 @@ def _pairwise_terms(cross: Tensor, floored_a: Tensor, floored_b: Tensor) -> Tens
     """Per-sample :math:`-\\tfrac12 \\log(1 - \\rho_{ij}^2)` for ``cross[n, i, j] = <a_i, b_j>``."""
     rho2 = cross.square() / (floored_a[:, :, None] * floored_b[:, None, :])
     return -0.5 * torch.log((1.0 - rho2).clamp_min(_MIN_DECORRELATION))
+
+
+def _pairwise_sums(gram: Tensor, floored: Tensor, off_diagonal: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """Sums over samples (one row per class) of :func:`_pairwise_terms` of ``gram`` with itself, times ``off_diagonal``.
+
+    Without autograd the per-sample ``(N, d, d)`` terms are built in place in one buffer, and the factor
+    :math:`-\\tfrac12` and the zero diagonal are applied to the ``(K, d, d)`` sums (the same numbers, fewer passes).
+    """
+    if torch.is_grad_enabled() and (gram.requires_grad or floored.requires_grad):
+        return _sum_rows(_pairwise_terms(gram, floored, floored) * off_diagonal, rows, num_rows)
+    log_decorrelation = gram.square()
+    log_decorrelation.div_(floored[:, :, None] * floored[:, None, :])
+    log_decorrelation.neg_().add_(1.0).clamp_min_(_MIN_DECORRELATION).log_()
+    return _sum_rows(log_decorrelation, rows, num_rows).mul_(-0.5).mul_(off_diagonal)
 
 
 def gram_statistics(
@@ -263,14 +321,14 @@ def gram_statistics(
     log_det = torch.minimum(log_det, log_diag.sum(-1))
 
     off_diagonal = 1.0 - torch.eye(d, dtype=gram.dtype, device=gram.device)
-    pairwise = _pairwise_terms(gram, floored, floored) * off_diagonal
+    pairwise = _pairwise_sums(gram, floored, off_diagonal, rows, num_rows)
 
     ones = torch.ones(n, dtype=torch.float64, device=gram.device)
     return GramStatistics(
         count=_sum_rows(ones, rows, num_rows),
         log_diag=_sum_rows(log_diag, rows, num_rows),
         log_det=_sum_rows(log_det, rows, num_rows),
-        pairwise=_sum_rows(pairwise, rows, num_rows),
+        pairwise=pairwise,
         num_inactive=_sum_rows((diag <= eps).to(torch.float64), rows, num_rows),
         num_fallback=_sum_rows(failed.to(torch.float64), rows, num_rows),
     )
