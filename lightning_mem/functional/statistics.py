@@ -140,13 +140,7 @@ def jacobian_gram(jacobian: Tensor, *, std: Tensor | float | None = None, sigma:
             multiplied by ``sigma[i]`` (metrics w.r.t. the standard-normal noise).
 
     Returns:
-        ``(N, d, d)`` float64. A float64 Jacobian (or one that requires grad) gives the float64 product. A float32
-        (or lower precision) Jacobian is multiplied in float32 over blocks of at most 2048 output entries whose
-        products are summed in float64 (several times faster on CPU than converting the Jacobian to float64); samples
-        whose columns are nearly dependent (a Cholesky pivot below 1e-2 of its diagonal entry), where the float32
-        rounding of :math:`G` would dominate :math:`\log\det G` and the pairwise terms, are recomputed in float64.
-        Kept float32 products agree with the float64 product of the same Jacobian to about 1e-6 relative to
-        :math:`\|J_i\|\|J_j\|`, and the metrics finished from them to about 1e-5 nats.
+        ``(N, d, d)`` float64 (a float32 Jacobian is converted first: its products are accumulated in float64).
 
     Example:
         >>> jacobian_gram(torch.tensor([[[1.0, 0.0], [1.0, 2.0]]]), std=2.0)
@@ -155,8 +149,7 @@ def jacobian_gram(jacobian: Tensor, *, std: Tensor | float | None = None, sigma:
     """
     flat = check_jacobian(jacobian)
     big_d = flat.shape[1]
-    if flat.dtype != torch.float64:
-        flat = flat.to(torch.float32)
+    flat = flat.to(torch.float64)
     scalar_std = None
     if std is not None:
         std = torch.as_tensor(std)
@@ -168,42 +161,11 @@ def jacobian_gram(jacobian: Tensor, *, std: Tensor | float | None = None, sigma:
                     f"Expected `std` to be a scalar or of shape {tuple(jacobian.shape[1:-1])} (the output shape) or ({big_d},), "
                     f"but got {tuple(std.shape)}."
                 )
-            flat = flat * _check_scale(std, "std").to(device=flat.device, dtype=flat.dtype).reshape(1, big_d, 1)
-    gram = _gram(flat)
+            flat = flat * _check_scale(std, "std").to(flat.device).reshape(1, big_d, 1)
+    gram = flat.mT @ flat
     if scalar_std is not None:
         gram = gram * scalar_std.to(gram.device) ** 2
     return _scale_latents(gram, sigma)
-
-
-_GRAM_BLOCK = 2048
-"""Output entries per float32 partial Gram product; the partial products are summed in float64."""
-
-_GRAM_FLOAT32_MIN_PIVOT = 1e-2
-"""A float32 Gram matrix is kept only where every Cholesky pivot is at least this fraction of its diagonal entry."""
-
-
-def _gram(flat: Tensor) -> Tensor:
-    """``flat^T flat`` of a ``(N, D, d)`` float64 or float32 Jacobian, returned in float64 (see :func:`jacobian_gram`)."""
-    if flat.dtype == torch.float64 or flat.requires_grad:
-        flat = flat.to(torch.float64)
-        return flat.mT @ flat
-    gram = None
-    for start in range(0, flat.shape[1], _GRAM_BLOCK):
-        block = flat[:, start : start + _GRAM_BLOCK]
-        partial = (block.mT @ block).to(torch.float64)
-        gram = partial if gram is None else gram.add_(partial)
-    # The float32 products carry errors of order 1e-6 |J_i| |J_j|. They are harmless unless some column is nearly in
-    # the span of the others (pivot ratio L_ii^2 / G_ii = sin^2 of its angle to the previous columns, which also bounds
-    # every 1 - rho_ij^2 from above): there log det G and the pairwise terms would amplify them, so such samples (and
-    # those whose factorisation fails, e.g. with an inactive column) are recomputed from the float64 Jacobian.
-    factor, info = torch.linalg.cholesky_ex(gram)
-    pivot_ratio = factor.diagonal(dim1=-2, dim2=-1).square() / gram.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny)
-    redo = (info > 0) | (pivot_ratio.amin(-1) < _GRAM_FLOAT32_MIN_PIVOT)
-    if redo.any():
-        index = redo.nonzero().squeeze(1)
-        exact = flat[index].to(torch.float64)
-        gram[index] = exact.mT @ exact
-    return gram
 
 
 def _scale_latents(gram: Tensor, sigma: Tensor | None, name: str = "sigma") -> Tensor:
