@@ -140,7 +140,8 @@ def jacobian_gram(jacobian: Tensor, *, std: Tensor | float | None = None, sigma:
             multiplied by ``sigma[i]`` (metrics w.r.t. the standard-normal noise).
 
     Returns:
-        ``(N, d, d)`` float64 (a float32 Jacobian is converted first: its products are accumulated in float64).
+        ``(N, d, d)`` float64: a float32 Jacobian is converted to float64 before it is multiplied (on CPU a few
+        samples at a time), so its products are accumulated in float64.
 
     Example:
         >>> jacobian_gram(torch.tensor([[[1.0, 0.0], [1.0, 2.0]]]), std=2.0)
@@ -149,7 +150,7 @@ def jacobian_gram(jacobian: Tensor, *, std: Tensor | float | None = None, sigma:
     """
     flat = check_jacobian(jacobian)
     big_d = flat.shape[1]
-    flat = flat.to(torch.float64)
+    scale = None
     scalar_std = None
     if std is not None:
         std = torch.as_tensor(std)
@@ -161,11 +162,35 @@ def jacobian_gram(jacobian: Tensor, *, std: Tensor | float | None = None, sigma:
                     f"Expected `std` to be a scalar or of shape {tuple(jacobian.shape[1:-1])} (the output shape) or ({big_d},), "
                     f"but got {tuple(std.shape)}."
                 )
-            flat = flat * _check_scale(std, "std").to(flat.device).reshape(1, big_d, 1)
-    gram = flat.mT @ flat
+            scale = _check_scale(std, "std").to(flat.device).reshape(1, big_d, 1)
+    gram = _float64_gram(flat, scale)
     if scalar_std is not None:
         gram = gram * scalar_std.to(gram.device) ** 2
     return _scale_latents(gram, sigma)
+
+
+_GRAM_BLOCK_BYTES = 2**21
+"""On CPU, samples are converted to float64 and multiplied this many bytes at a time, so the copy stays in cache."""
+
+
+def _float64_gram(flat: Tensor, scale: Tensor | None) -> Tensor:
+    """``(scale * flat)^T (scale * flat)`` in float64 for a ``(N, D, d)`` Jacobian and a float64 ``(1, D, 1)`` scale.
+
+    A lower-precision Jacobian on CPU is converted a few samples at a time: the same float64 products as converting
+    it all at once, without writing and re-reading a float64 copy of the whole batch (about a third faster).
+    """
+    if flat.dtype == torch.float64 or flat.device.type != "cpu" or flat.requires_grad:
+        flat = flat.to(torch.float64) if scale is None else flat.to(torch.float64) * scale
+        return flat.mT @ flat
+    n, big_d, d = flat.shape
+    gram = torch.empty((n, d, d), dtype=torch.float64)
+    step = max(1, _GRAM_BLOCK_BYTES // (8 * big_d * d))
+    for start in range(0, n, step):
+        block = flat[start : start + step].to(torch.float64)
+        if scale is not None:
+            block = block * scale
+        torch.matmul(block.mT, block, out=gram[start : start + step])
+    return gram
 
 
 def _scale_latents(gram: Tensor, sigma: Tensor | None, name: str = "sigma") -> Tensor:
