@@ -28,6 +28,8 @@ __all__ = ["ManifoldEntropicMetricsCallback"]
 
 _DEFAULT_DECODER_NAMES = ("decoder", "decode")
 _STATE_VERSION = 1
+_UNBOUNDED_FALLBACK_EPOCHS = 1
+"""Epoch interval of the default schedule when the run's length is unknown (``num_evaluations`` cannot spread)."""
 
 Decoder = Callable[..., Any]
 """A decoder in the engine's sense: ``z -> x`` or ``(z, condition) -> x``."""
@@ -88,6 +90,11 @@ def _untouched_training_state(modules: list[nn.Module]) -> Iterator[None]:
         random.setstate(python_state)
 
 
+def _evenly_spaced_steps(total_steps: int, num_evaluations: int) -> frozenset[int]:
+    r"""The steps :math:`\lceil k T / n \rceil`, :math:`k = 1 \ldots n`, of a run of :math:`T` steps (every step if :math:`T \le n`)."""
+    return frozenset(-(-k * total_steps // num_evaluations) for k in range(1, num_evaluations + 1))
+
+
 def _check_positive_int(value: Any, name: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -98,13 +105,31 @@ def _check_positive_int(value: Any, name: str, allow_none: bool = False) -> None
 class ManifoldEntropicMetricsCallback(Callback):
     r"""Log the manifold entropic metrics of a LightningModule's decoder during training: spectrum, MTC, MPMI, drift.
 
-    At scheduled training steps the callback takes the decoder Jacobian :math:`J(z) = \partial g/\partial z` at a
+    At a few training steps the callback takes the decoder Jacobian :math:`J(z) = \partial g/\partial z` at a
     fixed set of latents, ``chunk_size`` samples at a time (:func:`lightning_mem.iter_decoder_jacobians`), feeds
     it to a :class:`~lightning_mem.ManifoldEntropicMetrics` and logs the result:
 
     .. math::
         H_i = h_0 + \tfrac12 \mathbb{E}_z[\log G_{ii}], \quad H = d\,h_0 + \tfrac12 \mathbb{E}_z[\log\det G], \quad
         \mathrm{MTC} = \textstyle\sum_i H_i - H, \quad G = J^\top J.
+
+    **Schedule**: by default (``every_n_train_steps`` and ``every_n_epochs`` both ``None``) the run has about
+    ``num_evaluations`` evaluations whatever its length: at the steps :math:`\lceil k T / n \rceil`,
+    :math:`k = 1, \ldots, n` (``n = num_evaluations``), with :math:`T` = ``trainer.estimated_stepping_batches`` (the
+    run's optimizer steps from ``max_steps``, ``max_epochs``, ``limit_train_batches`` and gradient accumulation), plus
+    one before the first step (``evaluate_at_start``); a run of :math:`T \le n` steps is evaluated at every step. The
+    schedule is a function of the run's total length only, so a run resumed from a checkpoint evaluates at the same
+    steps as an uninterrupted one, and every DDP rank uses rank zero's :math:`T`. A run of unknown length
+    (``max_steps=-1`` with ``max_epochs=-1``, or an iterable dataset without ``max_steps``) warns once and is
+    evaluated at the end of every epoch instead. ``every_n_train_steps`` / ``every_n_epochs`` replace this schedule
+    by fixed intervals (and ``num_evaluations`` is then ignored); ``num_evaluations=None`` leaves only the evaluations
+    at the start and the end.
+
+    **Cost**: an evaluation costs the Jacobians of ``num_samples`` latents (twice with ``drift``: the previous
+    decoder's too) plus the metrics; drawing the figures (matplotlib text layout, PNG encoding) costs about 0.1 to
+    0.2 s on a CPU, more than the evaluation of a small model, so they are drawn at every
+    ``figures_every_n_evaluations``-th evaluation and at the last one. ``callback.total_time`` holds the wall-clock
+    seconds this process spent in the callback's evaluations, logging and figures.
 
     The latents are ``num_samples`` draws from :math:`N(0, I_d)` made once with the callback's own seeded
     ``torch.Generator`` (the same points at every evaluation, so curves are smooth and comparable), or the given
@@ -155,7 +180,8 @@ class ManifoldEntropicMetricsCallback(Callback):
       ``reference_decoder`` only.
 
     Figures (rank zero, ``log_figures=True``, to every logger whose ``experiment`` has ``add_figure``, i.e.
-    TensorBoard; other loggers get the scalars and one warning):
+    TensorBoard; other loggers get the scalars and one warning), at the first evaluation, every
+    ``figures_every_n_evaluations``-th one after it and the last one of the run:
 
     - ``spectrum_history``: the entropy spectra of all evaluations so far, overlaid, coloured by training step.
     - ``pairwise_mutual_information``: the current MPMI heatmap.
@@ -183,8 +209,10 @@ class ManifoldEntropicMetricsCallback(Callback):
             no ``conditions`` the decoder gets the integer labels.
         num_classes: class-conditional mode: metrics per class, averaged over classes. The labels are the cycle
             ``arange(N) % num_classes`` (equal counts), or ``conditions`` itself when it is a 1-D integer tensor.
+        num_evaluations: evaluations spread evenly over the run (see **Schedule**) when ``every_n_train_steps`` and
+            ``every_n_epochs`` are both ``None``; ``None``: only at the start and the end.
         every_n_train_steps: evaluate when ``trainer.global_step`` is a multiple of it (``None``: never).
-        every_n_epochs: evaluate at the end of every n-th training epoch (``None``: never). Both schedules may be
+        every_n_epochs: evaluate at the end of every n-th training epoch (``None``: never). Both intervals may be
             active; one step is never evaluated twice.
         evaluate_at_start: evaluate before the first training step, so curves start at initialisation (not again
             when resuming a run whose callback state holds evaluations).
@@ -204,6 +232,8 @@ class ManifoldEntropicMetricsCallback(Callback):
         eps: floor on :math:`G_{ii}` (inactive latents).
         active_threshold: see ``num_active``.
         log_figures: draw and log the figures.
+        figures_every_n_evaluations: draw them at the evaluations numbered 0, n, 2n, ... (the first one is number 0)
+            and at the last one of the run; 1: at every evaluation.
         seed: seed of the callback's own generator for the latents (saved in checkpoints).
         strict: raise on a failed evaluation instead of warning.
 
@@ -248,8 +278,9 @@ class ManifoldEntropicMetricsCallback(Callback):
         latents: Tensor | Callable[[Trainer, LightningModule], Any] | None = None,
         conditions: Tensor | Callable[[Tensor], Tensor] | None = None,
         num_classes: int | None = None,
+        num_evaluations: int | None = 10,
         every_n_train_steps: int | None = None,
-        every_n_epochs: int | None = 1,
+        every_n_epochs: int | None = None,
         evaluate_at_start: bool = True,
         evaluate_at_end: bool = True,
         reference_decoder: Callable[..., Any] | None = None,
@@ -264,6 +295,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         eps: float = DEFAULT_EPS,
         active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
         log_figures: bool = True,
+        figures_every_n_evaluations: int = 5,
         seed: int = 0,
         strict: bool = False,
     ) -> None:
@@ -275,9 +307,11 @@ class ManifoldEntropicMetricsCallback(Callback):
         _check_positive_int(latent_dim, "latent_dim", allow_none=True)
         _check_positive_int(num_samples, "num_samples")
         _check_positive_int(num_classes, "num_classes", allow_none=True)
+        _check_positive_int(num_evaluations, "num_evaluations", allow_none=True)
         _check_positive_int(every_n_train_steps, "every_n_train_steps", allow_none=True)
         _check_positive_int(every_n_epochs, "every_n_epochs", allow_none=True)
         _check_positive_int(top_k, "top_k")
+        _check_positive_int(figures_every_n_evaluations, "figures_every_n_evaluations")
         _check_positive_int(chunk_size, "chunk_size", allow_none=True)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Expected `seed` to be an int, but got {seed!r}.")
@@ -342,6 +376,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         self.latents = latents
         self.conditions = conditions
         self.num_classes = num_classes
+        self.num_evaluations = num_evaluations
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
         self.evaluate_at_start = evaluate_at_start
@@ -358,12 +393,16 @@ class ManifoldEntropicMetricsCallback(Callback):
         self.eps = eps
         self.active_threshold = active_threshold
         self.log_figures = log_figures
+        self.figures_every_n_evaluations = figures_every_n_evaluations
         self.seed = seed
         self.strict = strict
 
         self.history: list[dict[str, Any]] = []
         self.last_metrics: dict[str, Tensor] = {}
         self.num_failed = 0
+        self.total_time = 0.0
+        self._scheduled_steps: frozenset[int] = frozenset()
+        self._epoch_interval: int | None = every_n_epochs
         self._last_step: int | None = None
         self._previous: dict[str, Tensor] | None = None
         self._next_previous: dict[str, Tensor] | None = None
@@ -372,6 +411,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         self._drift_metric: ManifoldCrossMutualInformation | None = None
         self._reference_metric: ManifoldCrossMutualInformation | None = None
         self._figure_loggers: list[Any] = []
+        self._undrawn: tuple[int, dict[str, Tensor]] | None = None
 
     @property
     def state_key(self) -> str:
@@ -429,6 +469,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         )
         self._reference_metric = None
         self._figure_loggers = []
+        self._undrawn = None
         if trainer.is_global_zero:
             if not trainer.loggers:
                 rank_zero_warn(
@@ -499,31 +540,60 @@ class ManifoldEntropicMetricsCallback(Callback):
     # ---------------------------------------------------------------- schedule
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._plan(trainer)
         if self.evaluate_at_start and not self.history and self._last_step is None:
             self._evaluate(trainer, pl_module)
 
+    def _plan(self, trainer: Trainer) -> None:
+        """Fix this run's schedule: the explicit ``every_n_*`` intervals, or ``num_evaluations`` steps spread over the run."""
+        self._scheduled_steps = frozenset()
+        self._epoch_interval = self.every_n_epochs
+        if self.every_n_train_steps is not None or self.every_n_epochs is not None or self.num_evaluations is None:
+            return
+        # rank zero's estimate on every rank: all ranks must evaluate (and sync) at the same steps
+        total_steps = trainer.strategy.broadcast(trainer.estimated_stepping_batches, src=0)
+        if not math.isfinite(total_steps) or total_steps < 1:
+            rank_zero_warn(
+                f"ManifoldEntropicMetricsCallback: the run's length is unknown (`trainer.estimated_stepping_batches` is {total_steps}), "
+                f"so `num_evaluations={self.num_evaluations}` cannot be spread over it; evaluating at the end of every epoch instead. "
+                "Set `max_steps` or `max_epochs`, or pass `every_n_train_steps` or `every_n_epochs`."
+            )
+            self._epoch_interval = _UNBOUNDED_FALLBACK_EPOCHS
+            return
+        self._scheduled_steps = _evenly_spaced_steps(int(total_steps), self.num_evaluations)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self.every_n_train_steps is not None and step > 0 and step % self.every_n_train_steps == 0:
+        if step in self._scheduled_steps or (self.every_n_train_steps is not None and step > 0 and step % self.every_n_train_steps == 0):
             self._evaluate(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if self._epoch_interval is not None and (trainer.current_epoch + 1) % self._epoch_interval == 0:
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.evaluate_at_end:
             self._evaluate(trainer, pl_module)
+        if self._undrawn is not None:  # the last evaluation's figures, when its number was not a multiple of the interval
+            start = time.perf_counter()
+            self._log_figures(*self._undrawn)
+            self.total_time += time.perf_counter() - start
 
     # ---------------------------------------------------------------- evaluation
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """One evaluation at ``trainer.global_step`` on every rank (once per step)."""
+        """One evaluation at ``trainer.global_step`` on every rank (once per step), its wall time added to ``total_time``."""
         if trainer.sanity_checking or self._metric is None or trainer.global_step == self._last_step:
             return
-        step = trainer.global_step
-        self._last_step = step
+        self._last_step = trainer.global_step
         start = time.perf_counter()
+        try:
+            self._evaluate_and_log(trainer, pl_module, start)
+        finally:
+            self.total_time += time.perf_counter() - start
+
+    def _evaluate_and_log(self, trainer: Trainer, pl_module: LightningModule, start: float) -> None:
+        step = trainer.global_step
         modules = [pl_module] + ([self.reference_decoder] if isinstance(self.reference_decoder, nn.Module) else [])
         with _untouched_training_state(modules):
             error: BaseException | None = None
@@ -739,28 +809,40 @@ class ManifoldEntropicMetricsCallback(Callback):
         scalars = self._scalars(values)
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
-        if self._figure_loggers:
-            for tag, figure in self._figures(values):
-                for logger in self._figure_loggers:
-                    logger.experiment.add_figure(f"{self.prefix}{tag}", figure, global_step=step, close=False)
-                _close(figure)
+        if not self._figure_loggers:
+            return
+        if (len(self.history) - 1) % self.figures_every_n_evaluations == 0:
+            self._log_figures(step, values)
+        else:
+            self._undrawn = (step, values)
+
+    def _log_figures(self, step: int, values: dict[str, Tensor]) -> None:
+        self._undrawn = None
+        for tag, figure in self._figures(values):
+            for logger in self._figure_loggers:
+                logger.experiment.add_figure(f"{self.prefix}{tag}", figure, global_step=step, close=False)
 
     def _figures(self, values: dict[str, Tensor]) -> Iterator[tuple[str, Any]]:
-        from lightning_mem.plotting import plot_entropy_spectrum, plot_mutual_information
+        from lightning_mem.plotting import _offscreen_axes, plot_entropy_spectrum, plot_mutual_information
 
         steps = [entry["step"] for entry in self.history]
+        _, ax = _offscreen_axes()
         figure, _ = plot_entropy_spectrum(
             [entry["spectrum"] for entry in self.history],
+            ax=ax,
             color_values=steps,
             color_label="training step",
             title=f"Entropy spectrum, steps {steps[0]} to {steps[-1]}",
         )
         yield "spectrum_history", figure
-        figure, _ = plot_mutual_information(values["pairwise_mutual_information"], title=f"Manifold pairwise MI, step {steps[-1]}")
+        _, ax = _offscreen_axes()
+        figure, _ = plot_mutual_information(values["pairwise_mutual_information"], ax=ax, title=f"Manifold pairwise MI, step {steps[-1]}")
         yield "pairwise_mutual_information", figure
         if "reference/cross_mutual_information" in values:
+            _, ax = _offscreen_axes()
             figure, _ = plot_mutual_information(
                 values["reference/cross_mutual_information"],
+                ax=ax,
                 title=f"Manifold cross MI with the reference, step {steps[-1]}",
                 xlabel="reference latent j",
                 ylabel="model latent i",
@@ -793,9 +875,3 @@ class ManifoldEntropicMetricsCallback(Callback):
 
 def _buffer_names(module: nn.Module) -> list[str]:
     return [name for name, _ in module.named_buffers(remove_duplicate=False)]
-
-
-def _close(figure: Any) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)

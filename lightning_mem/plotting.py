@@ -22,10 +22,29 @@ def _pyplot() -> Any:
     return plt
 
 
+_FIGURE_SIZE = (6.0, 4.0)
+"""Width and height in inches of a new figure (600 x 400 pixels at matplotlib's default 100 dpi)."""
+
+
 def _new_axes(ax: Any) -> tuple[Any, Any]:
     if ax is not None:
         return ax.get_figure(), ax
-    return _pyplot().subplots(figsize=(6, 4), layout="constrained")
+    return _pyplot().subplots(figsize=_FIGURE_SIZE, layout="constrained")
+
+
+def _offscreen_axes() -> tuple[Any, Any]:
+    """A figure for logging: Agg canvas, outside pyplot (nothing to close, no GUI state), fixed margins.
+
+    Made for the callback, which draws every evaluation's figures: a layout engine (constrained or tight) computes
+    every text's extent before drawing and so about doubles the cost of rendering; matplotlib's classic subplot
+    margins leave room for the tick labels, axis labels, title and colour bar of these plots.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=_FIGURE_SIZE)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
 
 
 def plot_entropy_spectrum(

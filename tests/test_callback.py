@@ -153,6 +153,7 @@ def test_tensorboard_fit_logs_every_key_at_every_scheduled_step_and_figures(tmp_
         reference_decoder=reference,
         reference_latents=reference_latents,
         chunk_size=20,
+        figures_every_n_evaluations=3,
     )
     recorder = RecordDecoder()
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
@@ -162,6 +163,8 @@ def test_tensorboard_fit_logs_every_key_at_every_scheduled_step_and_figures(tmp_
     # 4 batches x 2 epochs: at start (0), every 3 steps (3, 6), every epoch end (4, 8), at the end (8 again: once)
     expected_steps = [0, 3, 4, 6, 8]
     assert [entry["step"] for entry in callback.history] == expected_steps
+    # figures at evaluations number 0 and 3 (steps 0 and 6), and the last one (step 8), drawn at the end of training
+    figure_steps = [0, 6, 8]
 
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -173,7 +176,7 @@ def test_tensorboard_fit_logs_every_key_at_every_scheduled_step_and_figures(tmp_
     assert set(events.Tags()["images"]) == {f"mem/{name}" for name in FIGURE_NAMES}
     for name in FIGURE_NAMES:
         images = events.Images(f"mem/{name}")
-        assert [image.step for image in images] == expected_steps
+        assert [image.step for image in images] == figure_steps
         assert all(image.encoded_image_string.startswith(b"\x89PNG") and image.width > 100 and image.height > 100 for image in images)
 
     # the last logged values equal the functional API on the final decoder at the documented latents
@@ -479,7 +482,7 @@ class ConditionalModule(LightningModule):
 @pytest.mark.parametrize("one_hot", [False, True], ids=["labels", "one-hot"])
 def test_conditional_decoder_module_averages_over_classes(tmp_path, one_hot):
     conditions = (lambda labels: F.one_hot(labels, 3).float()) if one_hot else None
-    callback = ManifoldEntropicMetricsCallback(num_classes=3, conditions=conditions, num_samples=30, every_n_epochs=None)
+    callback = ManifoldEntropicMetricsCallback(num_classes=3, conditions=conditions, num_samples=30, num_evaluations=None)
     model = ConditionalModule(one_hot=one_hot)
     _trainer(tmp_path, [callback], max_steps=2).fit(model, loader())
     assert [entry["step"] for entry in callback.history] == [0, 2]
@@ -505,7 +508,7 @@ def test_callable_latents_are_drawn_at_every_evaluation_and_callable_decoder(tmp
         x = next(iter(loader(num=20, batch_size=20)))[0]
         return pl_module.encoder(x).chunk(2, dim=1)[0]
 
-    callback = ManifoldEntropicMetricsCallback(decoder=lambda module, z: module.decoder(z), latents=encoded, every_n_epochs=None)
+    callback = ManifoldEntropicMetricsCallback(decoder=lambda module, z: module.decoder(z), latents=encoded, num_evaluations=None)
     model = TinyVAE()
     _trainer(tmp_path, [callback], max_steps=2).fit(model, loader())
     assert calls == [0, 2]
@@ -596,7 +599,7 @@ class PoisonedDecoder(TinyVAE):
 @pytest.mark.parametrize("poison", ["times", "plus"])
 def test_nan_decoder_warns_counts_failures_and_training_continues(tmp_path, poison):
     logger = CaptureLogger()
-    callback = ManifoldEntropicMetricsCallback(decoder="decode", num_samples=8, log_figures=False)
+    callback = ManifoldEntropicMetricsCallback(decoder="decode", num_samples=8, every_n_epochs=1, log_figures=False)
     trainer = _trainer(tmp_path, [callback], logger=logger)
     with pytest.warns(RuntimeWarning, match=r"evaluation at step \d failed on rank 0 \((ValueError|FloatingPointError)"):
         trainer.fit(PoisonedDecoder(poison), loader())
