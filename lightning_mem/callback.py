@@ -28,6 +28,10 @@ __all__ = ["ManifoldEntropicMetricsCallback"]
 
 _DEFAULT_DECODER_NAMES = ("decoder", "decode")
 _STATE_VERSION = 1
+_MAX_KEPT_JACOBIAN_BYTES = 64 * 2**20
+"""With ``drift`` and fixed latents, an evaluation keeps its Jacobians (per process) for the next one, which needs the
+previous decoder's Jacobians at the same latents, when they take at most this much memory; otherwise the next
+evaluation recomputes them from the parameter snapshot."""
 _UNBOUNDED_FALLBACK_EPOCHS = 1
 """Epoch interval of the default schedule when the run's length is unknown (``num_evaluations`` cannot spread)."""
 
@@ -125,11 +129,12 @@ class ManifoldEntropicMetricsCallback(Callback):
     by fixed intervals (and ``num_evaluations`` is then ignored); ``num_evaluations=None`` leaves only the evaluations
     at the start and the end.
 
-    **Cost**: an evaluation costs the Jacobians of ``num_samples`` latents (twice with ``drift``: the previous
-    decoder's too) plus the metrics; drawing the figures (matplotlib text layout, PNG encoding) costs about 0.1 to
-    0.2 s on a CPU, more than the evaluation of a small model, so they are drawn at every
-    ``figures_every_n_evaluations``-th evaluation and at the last one. ``callback.total_time`` holds the wall-clock
-    seconds this process spent in the callback's evaluations, logging and figures.
+    **Cost**: an evaluation costs ``num_samples`` decoder Jacobians (``d`` forward-mode JVPs each) plus the
+    metrics; drift needs the previous decoder's Jacobians at the same latents too, which are kept from the previous
+    evaluation when the latents are fixed (see **Memory**) and recomputed otherwise. Drawing the figures (matplotlib
+    text layout, PNG encoding) costs about 0.1 to 0.2 s on a CPU, more than evaluating a small model, so they are
+    drawn at every ``figures_every_n_evaluations``-th evaluation and at the last one. ``callback.total_time`` holds
+    the wall-clock seconds this process spent in the callback's evaluations, logging and figures.
 
     The latents are ``num_samples`` draws from :math:`N(0, I_d)` made once with the callback's own seeded
     ``torch.Generator`` (the same points at every evaluation, so curves are smooth and comparable), or the given
@@ -155,7 +160,9 @@ class ManifoldEntropicMetricsCallback(Callback):
 
     **Memory**: at most ``chunk_size`` Jacobians ``(chunk_size, D, d)`` per decoder (current, previous, reference)
     exist at once. Drift keeps a CPU copy of the parameters and buffers of the decoder module (of the whole
-    LightningModule when the decoder is a method or a callable); it is part of the callback's checkpoint state.
+    LightningModule when the decoder is a method or a callable); it is part of the callback's checkpoint state. With
+    drift and fixed latents (a tensor, or drawn; not a callable), each process also keeps its share of the last
+    evaluation's Jacobians ``(N / world_size, D, d)``, on the module's device, when they take at most 64 MiB.
 
     Logged scalars (``prefix`` + name; the default prefix is ``"mem/"``), at the evaluation's ``trainer.global_step``:
 
@@ -406,6 +413,8 @@ class ManifoldEntropicMetricsCallback(Callback):
         self._last_step: int | None = None
         self._previous: dict[str, Tensor] | None = None
         self._next_previous: dict[str, Tensor] | None = None
+        self._previous_jacobians: list[Tensor] | None = None
+        self._next_previous_jacobians: list[Tensor] | None = None
         self._drawn_latents: Tensor | None = None
         self._metric: ManifoldEntropicMetrics | None = None
         self._drift_metric: ManifoldCrossMutualInformation | None = None
@@ -698,8 +707,11 @@ class ManifoldEntropicMetricsCallback(Callback):
         previous = None
         if self._drift_metric is not None and self._previous is not None:
             if self._previous.keys() == current.keys():
-                state = {name: tensor.to(device) for name, tensor in self._previous.items()}
-                previous = iter_decoder_jacobians(self._with_state(owner, plain_decoder, state), z, **options)
+                if self._previous_jacobians is not None and self._previous_jacobians[0].device == z.device:
+                    previous = iter(self._previous_jacobians)  # kept by the previous evaluation: same decoder, same latents
+                else:
+                    state = {name: tensor.to(device) for name, tensor in self._previous.items()}
+                    previous = iter_decoder_jacobians(self._with_state(owner, plain_decoder, state), z, **options)
                 self._drift_metric = self._drift_metric.to(device)
                 self._drift_metric.reset()
             else:
@@ -719,6 +731,10 @@ class ManifoldEntropicMetricsCallback(Callback):
 
         step = z.shape[0] if self.chunk_size is None else self.chunk_size
         jacobians = iter_decoder_jacobians(decoder, z, **options)
+        # the next evaluation's drift needs these Jacobians again when the latents stay the same: keep small ones
+        fixed_inputs = not callable(self.latents) and not callable(self.conditions)
+        kept: list[Tensor] | None = [] if self._drift_metric is not None and fixed_inputs else None
+        kept_bytes = 0
         for index, (jacobian, previous_jacobian, reference_jacobian) in enumerate(
             zip(jacobians, previous or itertools.repeat(None), reference or itertools.repeat(None), strict=False)
         ):
@@ -732,7 +748,14 @@ class ManifoldEntropicMetricsCallback(Callback):
                 self._drift_metric.update(jacobian, previous_jacobian, chunk_labels)
             if reference_jacobian is not None:
                 self._reference_metric.update(jacobian, reference_jacobian, chunk_labels)
+            if kept is not None:
+                kept_bytes += jacobian.numel() * jacobian.element_size()
+                if kept_bytes <= _MAX_KEPT_JACOBIAN_BYTES:
+                    kept.append(jacobian)
+                else:
+                    kept = None
         self._next_previous = current if self._drift_metric is not None else None
+        self._next_previous_jacobians = kept or None
 
     @staticmethod
     def _with_state(owner: nn.Module, decoder: Decoder, state: dict[str, Tensor]) -> Decoder:
@@ -761,6 +784,7 @@ class ManifoldEntropicMetricsCallback(Callback):
             values["reference/best_match"] = reference["best_match"].detach().cpu()
             values["reference/cross_mutual_information"] = reference["cross_mutual_information"].detach().cpu()
         self._previous = self._next_previous
+        self._previous_jacobians = self._next_previous_jacobians
         return values
 
     def _fail(self, trainer: Trainer, step: int, error: BaseException | None) -> None:
@@ -871,6 +895,7 @@ class ManifoldEntropicMetricsCallback(Callback):
             self._drawn_latents = None
         previous = state_dict.get("previous")
         self._previous = None if previous is None else {name: tensor.cpu() for name, tensor in previous.items()}
+        self._previous_jacobians = None  # recomputed from the restored snapshot
 
 
 def _buffer_names(module: nn.Module) -> list[str]:
