@@ -262,7 +262,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         ...     def configure_optimizers(self):
         ...         return torch.optim.SGD(self.parameters(), lr=0.1)
         >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=8)
-        >>> callback = ManifoldEntropicMetricsCallback(num_samples=16, every_n_train_steps=2, every_n_epochs=None)
+        >>> callback = ManifoldEntropicMetricsCallback(num_samples=16, num_evaluations=2)  # at steps 2 and 4 of 4
         >>> trainer = pl.Trainer(max_steps=4, callbacks=[callback], logger=False, enable_checkpointing=False,
         ...                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
         >>> trainer.fit(Autoencoder(), data)

@@ -237,6 +237,100 @@ def test_drift_of_an_unchanged_decoder_is_perfect_correlation(tmp_path):
     assert torch.equal(callback.history[0]["spectrum"], callback.history[-1]["spectrum"])
 
 
+def test_drift_from_kept_jacobians_equals_drift_recomputed_from_the_parameter_snapshot(tmp_path, monkeypatch):
+    def run(path: Path) -> ManifoldEntropicMetricsCallback:
+        seed_everything(0, verbose=False)
+        callback = ManifoldEntropicMetricsCallback(num_samples=24, every_n_train_steps=2, chunk_size=10, log_figures=False)
+        _trainer(path, [callback], max_steps=6, max_epochs=-1).fit(TinyVAE(), loader())
+        return callback
+
+    kept = run(tmp_path / "kept")
+    assert [tuple(j.shape) for j in kept._previous_jacobians] == [(10, DATA_DIM, LATENT_DIM)] * 2 + [(4, DATA_DIM, LATENT_DIM)]
+    monkeypatch.setattr("lightning_mem.callback._MAX_KEPT_JACOBIAN_BYTES", 0)  # nothing fits: recompute every time
+    recomputed = run(tmp_path / "recomputed")
+    assert recomputed._previous_jacobians is None
+    assert [entry["step"] for entry in kept.history] == [entry["step"] for entry in recomputed.history] == [0, 2, 4, 6]
+    for name in ("drift/cross_mutual_information", "drift/informational_correlation", "drift/alignment", "entropy"):
+        assert torch.equal(kept.last_metrics[name], recomputed.last_metrics[name]), name
+
+
+# ---------------------------------------------------------------- the default schedule
+
+
+def _evaluated_steps(tmp_path: Path, **trainer_options) -> tuple[list[int], ManifoldEntropicMetricsCallback]:
+    num_evaluations = trainer_options.pop("num_evaluations", 10)
+    callback = ManifoldEntropicMetricsCallback(num_samples=8, num_evaluations=num_evaluations)
+    data = trainer_options.pop("data", None)
+    data = loader() if data is None else data
+    _trainer(tmp_path, [callback, *trainer_options.pop("callbacks", [])], **trainer_options).fit(TinyVAE(), data)
+    return [entry["step"] for entry in callback.history], callback
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # T = 7 optimizer steps, n = 3: ceil(7/3) = 3, ceil(14/3) = 5, 7; plus the start
+        ({"max_steps": 7, "max_epochs": -1, "num_evaluations": 3}, [0, 3, 5, 7]),
+        # epochs: 3 x 4 batches = 12 steps, n = 4: every 3 steps, across epoch boundaries
+        ({"max_epochs": 3, "num_evaluations": 4}, [0, 3, 6, 9, 12]),
+        # gradient accumulation: 3 epochs x ceil(4 / 2) = 6 optimizer steps, n = 4: 2, 3, 5, 6
+        ({"max_epochs": 3, "accumulate_grad_batches": 2, "num_evaluations": 4}, [0, 2, 3, 5, 6]),
+        # a run shorter than num_evaluations (4 steps, n = 10) is evaluated at every step, once each
+        ({"max_steps": 4, "max_epochs": -1}, [0, 1, 2, 3, 4]),
+        # the default n = 10 over 2 x 15 = 30 steps
+        ({"max_epochs": 2, "limit_train_batches": 15}, [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]),
+        # num_evaluations=None: only at the start and the end
+        ({"max_steps": 6, "max_epochs": -1, "num_evaluations": None}, [0, 6]),
+    ],
+)
+def test_default_schedule_spreads_num_evaluations_over_the_runs_total_steps(tmp_path, options, expected):
+    data = loader(num=120) if options.get("limit_train_batches") == 15 else None
+    steps, callback = _evaluated_steps(tmp_path, data=data, **options)
+    assert steps == expected
+    assert callback.total_time > 0
+
+
+def test_evenly_spaced_steps_are_distinct_end_at_the_last_step_and_differ_by_at_most_one():
+    from lightning_mem.callback import _evenly_spaced_steps
+
+    assert sorted(_evenly_spaced_steps(3000, 10)) == list(range(300, 3001, 300))
+    for total, num in [(25, 10), (7, 3), (1001, 10), (4, 10), (1, 1), (99, 100)]:
+        steps = sorted(_evenly_spaced_steps(total, num))
+        assert len(steps) == min(total, num) and steps[-1] == total and steps[0] >= 1
+        gaps = np.diff([0, *steps])
+        assert gaps.max() - gaps.min() <= 1, (total, num, steps)
+
+
+class StopAfterEpochs(Callback):
+    """Ends an otherwise unbounded run after ``epochs`` epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Four batches of the synthetic data, without a length: Lightning cannot count the run's steps."""
+
+    def __iter__(self):
+        yield from loader(num=32)
+
+
+@pytest.mark.parametrize("unbounded", ["max_epochs=-1", "iterable dataset"])
+def test_an_unbounded_run_warns_once_and_evaluates_every_epoch(tmp_path, unbounded):
+    if unbounded == "max_epochs=-1":
+        options = {"max_epochs": -1, "callbacks": [StopAfterEpochs(2)]}
+    else:
+        options = {"max_epochs": 2, "limit_train_batches": 1.0, "data": DataLoader(Batches(), batch_size=None)}
+    with pytest.warns(UserWarning, match=r"the run's length is unknown .*num_evaluations=10.* every epoch") as caught:
+        steps, _ = _evaluated_steps(tmp_path, **options)
+    assert len([w for w in caught if "length is unknown" in str(w.message)]) == 1
+    assert steps == [0, 4, 8]  # the start and the end of each of the two epochs of 4 batches
+
+
 # ---------------------------------------------------------------- training is not changed
 
 
@@ -373,9 +467,9 @@ def test_ddp_fit_on_two_processes_logs_what_one_process_computes(tmp_path):
 # ---------------------------------------------------------------- resume
 
 
-def _resumable_fit(tmp_path: Path, ckpt_path: str | None = None) -> tuple[ManifoldEntropicMetricsCallback, CaptureLogger]:
+def _resumable_fit(tmp_path: Path, schedule: dict, ckpt_path: str | None = None) -> tuple[ManifoldEntropicMetricsCallback, CaptureLogger]:
     seed_everything(0, verbose=False)
-    callback = ManifoldEntropicMetricsCallback(num_samples=24, every_n_train_steps=2, every_n_epochs=None, log_figures=False)
+    callback = ManifoldEntropicMetricsCallback(num_samples=24, log_figures=False, **schedule)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=3, save_top_k=-1, filename="{step}")
     logger = CaptureLogger()
     trainer = _trainer(tmp_path, [callback, checkpoints], logger=logger, enable_checkpointing=True)
@@ -384,15 +478,17 @@ def _resumable_fit(tmp_path: Path, ckpt_path: str | None = None) -> tuple[Manifo
     return callback, logger
 
 
-def test_resume_mid_training_continues_history_and_drift_without_duplicates_or_gaps(tmp_path):
-    uninterrupted, _ = _resumable_fit(tmp_path)
+# every 2 steps, explicitly or as 4 evaluations spread over the 8 steps (a function of the total, not of the resumed step)
+@pytest.mark.parametrize("schedule", [{"every_n_train_steps": 2}, {"num_evaluations": 4}], ids=["every_n_train_steps", "num_evaluations"])
+def test_resume_mid_training_continues_history_and_drift_without_duplicates_or_gaps(tmp_path, schedule):
+    uninterrupted, _ = _resumable_fit(tmp_path, schedule)
     steps = [entry["step"] for entry in uninterrupted.history]
     assert steps == [0, 2, 4, 6, 8]
     checkpoint = tmp_path / "checkpoints" / "step=3.ckpt"  # saved between the evaluations at steps 2 and 4
     saved = torch.load(checkpoint, weights_only=True)["callbacks"][uninterrupted.state_key]
     assert [entry["step"] for entry in saved["history"]] == [0, 2]
 
-    resumed, logger = _resumable_fit(tmp_path / "resumed", ckpt_path=str(checkpoint))
+    resumed, logger = _resumable_fit(tmp_path / "resumed", schedule, ckpt_path=str(checkpoint))
     assert [entry["step"] for entry in resumed.history] == steps
     for a, b in zip(uninterrupted.history, resumed.history, strict=True):
         assert torch.equal(a["spectrum"], b["spectrum"]), a["step"]
@@ -566,6 +662,9 @@ def test_misconfiguration_is_reported_in_setup_with_how_to_fix_it(tmp_path, modu
     [
         ({"num_samples": 0}, ValueError, r"`num_samples` to be a positive int, but got 0"),
         ({"every_n_train_steps": 2.5}, ValueError, r"`every_n_train_steps` to be a positive int or None, but got 2.5"),
+        ({"num_evaluations": 0}, ValueError, r"`num_evaluations` to be a positive int or None, but got 0"),
+        ({"num_evaluations": 4.0}, ValueError, r"`num_evaluations` to be a positive int or None, but got 4.0"),
+        ({"figures_every_n_evaluations": None}, ValueError, r"`figures_every_n_evaluations` to be a positive int, but got None"),
         ({"top_k": True}, ValueError, r"`top_k`"),
         ({"mode": "fast"}, ValueError, r"`mode` to be one of .* but got 'fast'"),
         ({"latents": torch.zeros(5)}, ValueError, r"`latents` to be a floating point tensor of shape \(N, d\).*\(5,\)"),
