@@ -421,6 +421,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         self._reference_metric: ManifoldCrossMutualInformation | None = None
         self._figure_loggers: list[Any] = []
         self._undrawn: tuple[int, dict[str, Tensor]] | None = None
+        self._live_figures: dict[str, Any] = {}
 
     @property
     def state_key(self) -> str:
@@ -479,6 +480,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         self._reference_metric = None
         self._figure_loggers = []
         self._undrawn = None
+        self._live_figures = {}
         if trainer.is_global_zero:
             if not trainer.loggers:
                 rank_zero_warn(
@@ -847,31 +849,35 @@ class ManifoldEntropicMetricsCallback(Callback):
                 logger.experiment.add_figure(f"{self.prefix}{tag}", figure, global_step=step, close=False)
 
     def _figures(self, values: dict[str, Tensor]) -> Iterator[tuple[str, Any]]:
-        from lightning_mem.plotting import _offscreen_axes, plot_entropy_spectrum, plot_mutual_information
+        """The figures of the evaluation that ``values`` and ``history[-1]`` describe, updating the ones kept from the last time."""
+        from lightning_mem.plotting import _MutualInformationFigure, _SpectrumHistoryFigure
 
+        if not self._live_figures:
+            self._live_figures = {
+                "spectrum_history": _SpectrumHistoryFigure(color_label="training step"),
+                "pairwise_mutual_information": _MutualInformationFigure(),
+                "reference/cross_mutual_information": _MutualInformationFigure(xlabel="reference latent j", ylabel="model latent i"),
+            }
         steps = [entry["step"] for entry in self.history]
-        _, ax = _offscreen_axes()
-        figure, _ = plot_entropy_spectrum(
-            [entry["spectrum"] for entry in self.history],
-            ax=ax,
-            color_values=steps,
-            color_label="training step",
-            title=f"Entropy spectrum, steps {steps[0]} to {steps[-1]}",
+        yield (
+            "spectrum_history",
+            self._live_figures["spectrum_history"].update(
+                [entry["spectrum"] for entry in self.history], steps, title=f"Entropy spectrum, steps {steps[0]} to {steps[-1]}"
+            ),
         )
-        yield "spectrum_history", figure
-        _, ax = _offscreen_axes()
-        figure, _ = plot_mutual_information(values["pairwise_mutual_information"], ax=ax, title=f"Manifold pairwise MI, step {steps[-1]}")
-        yield "pairwise_mutual_information", figure
+        yield (
+            "pairwise_mutual_information",
+            self._live_figures["pairwise_mutual_information"].update(
+                values["pairwise_mutual_information"], title=f"Manifold pairwise MI, step {steps[-1]}"
+            ),
+        )
         if "reference/cross_mutual_information" in values:
-            _, ax = _offscreen_axes()
-            figure, _ = plot_mutual_information(
-                values["reference/cross_mutual_information"],
-                ax=ax,
-                title=f"Manifold cross MI with the reference, step {steps[-1]}",
-                xlabel="reference latent j",
-                ylabel="model latent i",
+            yield (
+                "reference/cross_mutual_information",
+                self._live_figures["reference/cross_mutual_information"].update(
+                    values["reference/cross_mutual_information"], title=f"Manifold cross MI with the reference, step {steps[-1]}"
+                ),
             )
-            yield "reference/cross_mutual_information", figure
 
     # ---------------------------------------------------------------- checkpointing
 

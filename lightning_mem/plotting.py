@@ -24,6 +24,9 @@ def _pyplot() -> Any:
 
 _FIGURE_SIZE = (6.0, 4.0)
 """Width and height in inches of a new figure (600 x 400 pixels at matplotlib's default 100 dpi)."""
+_SPECTRUM_LINE = {"marker": "o", "markersize": 2}
+_SPECTRUM_XLABEL = "latent (sorted by entropy)"
+_SPECTRUM_YLABEL = "manifold entropy $H_i$ (nats/dim)"
 
 
 def _new_axes(ax: Any) -> tuple[Any, Any]:
@@ -93,17 +96,16 @@ def plot_entropy_spectrum(
     fig, ax = _new_axes(ax)
     colors = [None] * len(spectra)
     if color_values is not None:
-        norm = plt.Normalize(min(color_values), max(color_values) if max(color_values) > min(color_values) else min(color_values) + 1)
+        norm = plt.Normalize(*_color_limits(color_values))
         cmap = plt.get_cmap("viridis")
         colors = [cmap(norm(v)) for v in color_values]
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=color_label)
     for i, spectrum in enumerate(spectra):
-        index = torch.arange(1, spectrum.numel() + 1)
-        ax.plot(index.numpy(), spectrum.numpy(), marker="o", markersize=2, color=colors[i], label=None if labels is None else labels[i])
+        _plot_spectrum(ax, spectrum, color=colors[i], label=None if labels is None else labels[i])
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel("latent (sorted by entropy)")
-    ax.set_ylabel("manifold entropy $H_i$ (nats/dim)")
+    ax.set_xlabel(_SPECTRUM_XLABEL)
+    ax.set_ylabel(_SPECTRUM_YLABEL)
     if title:
         ax.set_title(title)
     if labels is not None:
@@ -150,3 +152,68 @@ def plot_mutual_information(
     if title:
         ax.set_title(title)
     return fig, ax
+
+
+def _color_limits(color_values: Sequence[float]) -> tuple[float, float]:
+    low, high = min(color_values), max(color_values)
+    return low, high if high > low else low + 1
+
+
+def _plot_spectrum(ax: Any, spectrum: Tensor, **style: Any) -> None:
+    index = torch.arange(1, spectrum.numel() + 1)
+    ax.plot(index.numpy(), spectrum.numpy(), **_SPECTRUM_LINE, **style)
+
+
+class _SpectrumHistoryFigure:
+    """``plot_entropy_spectrum(spectra, color_values=...)`` on off-screen axes, kept and updated as spectra are added.
+
+    The callback draws the history of all its evaluations again and again: adding the new lines and recolouring
+    the old ones costs about half as much as building a figure anew (its axes, ticks and texts).
+    """
+
+    def __init__(self, color_label: str) -> None:
+        plt = _pyplot()
+        self.figure, self.ax = _offscreen_axes()
+        self._cmap = plt.get_cmap("viridis")
+        self._mappable = plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=self._cmap)
+        self.figure.colorbar(self._mappable, ax=self.ax, label=color_label)
+        self.ax.set_xlabel(_SPECTRUM_XLABEL)
+        self.ax.set_ylabel(_SPECTRUM_YLABEL)
+        self.ax.grid(alpha=0.3)
+
+    def update(self, spectra: Sequence[Tensor], color_values: Sequence[float], title: str) -> Any:
+        """Draw ``spectra`` (the previous update's followed by new ones), coloured by ``color_values``; returns the figure."""
+        if len(self.ax.lines) > len(spectra):  # not a continuation of the last update's spectra: start over
+            for line in list(self.ax.lines):
+                line.remove()
+        for spectrum in spectra[len(self.ax.lines) :]:
+            _plot_spectrum(self.ax, torch.as_tensor(spectrum).detach().cpu().double())
+        self._mappable.set_clim(*_color_limits(color_values))
+        for line, value in zip(self.ax.lines, color_values, strict=True):
+            line.set_color(self._cmap(self._mappable.norm(value)))
+        self.ax.relim()
+        self.ax.autoscale_view()
+        self.ax.set_title(title)
+        return self.figure
+
+
+class _MutualInformationFigure:
+    """``plot_mutual_information`` on off-screen axes, kept and updated with each new matrix of the same shape."""
+
+    def __init__(self, **text: str) -> None:
+        self.text = text
+        self.figure = None
+        self._image = None
+
+    def update(self, matrix: Tensor, title: str) -> Any:
+        """Draw ``matrix`` with ``title``; returns the figure."""
+        matrix = torch.as_tensor(matrix).detach().cpu().double()
+        if self._image is None or self._image.get_array().shape != tuple(matrix.shape):
+            _, ax = _offscreen_axes()
+            self.figure, ax = plot_mutual_information(matrix, ax=ax, title=title, **self.text)
+            self._image = ax.images[0]
+            return self.figure
+        self._image.set_data(matrix.numpy())
+        self._image.set_clim(0.0, float(matrix.max()))  # as imshow(vmin=0.0) scales a new image
+        self._image.axes.set_title(title)
+        return self.figure

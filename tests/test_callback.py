@@ -254,6 +254,34 @@ def test_drift_from_kept_jacobians_equals_drift_recomputed_from_the_parameter_sn
         assert torch.equal(kept.last_metrics[name], recomputed.last_metrics[name]), name
 
 
+def test_the_callbacks_kept_figures_render_the_pixels_of_new_figures_from_the_plot_functions():
+    from lightning_mem.plotting import (
+        _MutualInformationFigure,
+        _offscreen_axes,
+        _SpectrumHistoryFigure,
+        plot_entropy_spectrum,
+        plot_mutual_information,
+    )
+
+    def pixels(figure) -> np.ndarray:
+        figure.canvas.draw()
+        return np.asarray(figure.canvas.buffer_rgba()).copy()
+
+    generator = torch.Generator().manual_seed(0)
+    spectra = [torch.randn(16, generator=generator).sort(descending=True).values * (k + 1) for k in range(3)]
+    steps = [0, 300, 600]
+    history, heatmap = _SpectrumHistoryFigure(color_label="training step"), _MutualInformationFigure()
+    for k in range(1, 4):  # each update adds a spectrum and changes the colour scale, the image and its range
+        title = f"steps 0 to {steps[k - 1]}"
+        _, ax = _offscreen_axes()
+        new, _ = plot_entropy_spectrum(spectra[:k], ax=ax, color_values=steps[:k], color_label="training step", title=title)
+        assert np.array_equal(pixels(history.update(spectra[:k], steps[:k], title=title)), pixels(new)), k
+        matrix = torch.rand(16, 16, generator=generator) * k
+        _, ax = _offscreen_axes()
+        new, _ = plot_mutual_information(matrix, ax=ax, title=title)
+        assert np.array_equal(pixels(heatmap.update(matrix, title=title)), pixels(new)), k
+
+
 # ---------------------------------------------------------------- the default schedule
 
 
