@@ -477,6 +477,7 @@ def bench_callback_overhead(args: argparse.Namespace, device: torch.device) -> d
         "defaults": {},
         "log_figures=False": {"log_figures": False},
         "figures_every_n_evaluations=1": {"figures_every_n_evaluations": 1},
+        "num_samples=64": {"num_samples": 64},
         "num_samples=1024": {"num_samples": 1024},
         "drift=False": {"drift": False},
         "num_evaluations=50": {"num_evaluations": 50},

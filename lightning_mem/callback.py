@@ -125,16 +125,17 @@ class ManifoldEntropicMetricsCallback(Callback):
     schedule is a function of the run's total length only, so a run resumed from a checkpoint evaluates at the same
     steps as an uninterrupted one, and every DDP rank uses rank zero's :math:`T`. A run of unknown length
     (``max_steps=-1`` with ``max_epochs=-1``, or an iterable dataset without ``max_steps``) warns once and is
-    evaluated at the end of every epoch instead. ``every_n_train_steps`` / ``every_n_epochs`` replace this schedule
-    by fixed intervals (and ``num_evaluations`` is then ignored); ``num_evaluations=None`` leaves only the evaluations
-    at the start and the end.
+    evaluated at the end of every epoch instead.
+    ``every_n_train_steps`` / ``every_n_epochs`` replace this schedule by fixed intervals (``num_evaluations`` is
+    then ignored); ``num_evaluations=None`` leaves only the evaluations at the start and the end.
 
     **Cost**: an evaluation costs ``num_samples`` decoder Jacobians (``d`` forward-mode JVPs each) plus the
     metrics; drift needs the previous decoder's Jacobians at the same latents too, which are kept from the previous
     evaluation when the latents are fixed (see **Memory**) and recomputed otherwise. Drawing the figures (matplotlib
     text layout, PNG encoding) costs about 0.1 to 0.2 s on a CPU, more than evaluating a small model, so they are
-    drawn at every ``figures_every_n_evaluations``-th evaluation and at the last one. ``callback.total_time`` holds
-    the wall-clock seconds this process spent in the callback's evaluations, logging and figures.
+    drawn at every ``figures_every_n_evaluations``-th evaluation and at the last one, not for the untrained model.
+    ``callback.total_time`` holds the wall-clock seconds this process spent in the callback's evaluations, logging
+    and figures.
 
     The latents are ``num_samples`` draws from :math:`N(0, I_d)` made once with the callback's own seeded
     ``torch.Generator`` (the same points at every evaluation, so curves are smooth and comparable), or the given
@@ -187,8 +188,8 @@ class ManifoldEntropicMetricsCallback(Callback):
       ``reference_decoder`` only.
 
     Figures (rank zero, ``log_figures=True``, to every logger whose ``experiment`` has ``add_figure``, i.e.
-    TensorBoard; other loggers get the scalars and one warning), at the first evaluation, every
-    ``figures_every_n_evaluations``-th one after it and the last one of the run:
+    TensorBoard; other loggers get the scalars and one warning), at every ``figures_every_n_evaluations``-th
+    evaluation after the first one and at the last one of the run (at every evaluation with 1):
 
     - ``spectrum_history``: the entropy spectra of all evaluations so far, overlaid, coloured by training step.
     - ``pairwise_mutual_information``: the current MPMI heatmap.
@@ -239,8 +240,9 @@ class ManifoldEntropicMetricsCallback(Callback):
         eps: floor on :math:`G_{ii}` (inactive latents).
         active_threshold: see ``num_active``.
         log_figures: draw and log the figures.
-        figures_every_n_evaluations: draw them at the evaluations numbered 0, n, 2n, ... (the first one is number 0)
-            and at the last one of the run; 1: at every evaluation.
+        figures_every_n_evaluations: draw them at the evaluations numbered n, 2n, ... (the first one, usually at the
+            start, is number 0) and at the last one of the run; 1: at every evaluation, the first one included. With
+            the default schedule and 5: in the middle and at the end of the run.
         seed: seed of the callback's own generator for the latents (saved in checkpoints).
         strict: raise on a failed evaluation instead of warning.
 
@@ -561,8 +563,12 @@ class ManifoldEntropicMetricsCallback(Callback):
         self._epoch_interval = self.every_n_epochs
         if self.every_n_train_steps is not None or self.every_n_epochs is not None or self.num_evaluations is None:
             return
+        try:
+            total_steps = trainer.estimated_stepping_batches
+        except MisconfigurationException:  # documented by Lightning for accumulation it cannot count
+            total_steps = math.inf
         # rank zero's estimate on every rank: all ranks must evaluate (and sync) at the same steps
-        total_steps = trainer.strategy.broadcast(trainer.estimated_stepping_batches, src=0)
+        total_steps = trainer.strategy.broadcast(total_steps, src=0)
         if not math.isfinite(total_steps) or total_steps < 1:
             rank_zero_warn(
                 f"ManifoldEntropicMetricsCallback: the run's length is unknown (`trainer.estimated_stepping_batches` is {total_steps}), "
@@ -837,7 +843,8 @@ class ManifoldEntropicMetricsCallback(Callback):
             logger.log_metrics(scalars, step=step)
         if not self._figure_loggers:
             return
-        if (len(self.history) - 1) % self.figures_every_n_evaluations == 0:
+        number, interval = len(self.history) - 1, self.figures_every_n_evaluations
+        if interval == 1 or (number > 0 and number % interval == 0):
             self._log_figures(step, values)
         else:
             self._undrawn = (step, values)

@@ -163,8 +163,8 @@ def test_tensorboard_fit_logs_every_key_at_every_scheduled_step_and_figures(tmp_
     # 4 batches x 2 epochs: at start (0), every 3 steps (3, 6), every epoch end (4, 8), at the end (8 again: once)
     expected_steps = [0, 3, 4, 6, 8]
     assert [entry["step"] for entry in callback.history] == expected_steps
-    # figures at evaluations number 0 and 3 (steps 0 and 6), and the last one (step 8), drawn at the end of training
-    figure_steps = [0, 6, 8]
+    # figures at evaluation number 3 (step 6) and at the last one (step 8), drawn at the end of training
+    figure_steps = [6, 8]
 
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -252,6 +252,18 @@ def test_drift_from_kept_jacobians_equals_drift_recomputed_from_the_parameter_sn
     assert [entry["step"] for entry in kept.history] == [entry["step"] for entry in recomputed.history] == [0, 2, 4, 6]
     for name in ("drift/cross_mutual_information", "drift/informational_correlation", "drift/alignment", "entropy"):
         assert torch.equal(kept.last_metrics[name], recomputed.last_metrics[name]), name
+
+
+@pytest.mark.parametrize(("interval", "figure_steps"), [(1, [0, 1, 2, 3, 4]), (2, [2, 4]), (5, [4])])
+def test_figures_are_drawn_at_every_n_th_evaluation_after_the_first_and_at_the_last(tmp_path, interval, figure_steps):
+    callback = ManifoldEntropicMetricsCallback(num_samples=8, figures_every_n_evaluations=interval)
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    _trainer(tmp_path, [callback], logger=logger, max_steps=4, max_epochs=-1).fit(TinyVAE(), loader())
+    assert [entry["step"] for entry in callback.history] == [0, 1, 2, 3, 4]
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    for name in ("spectrum_history", "pairwise_mutual_information"):
+        assert [image.step for image in events.Images(f"mem/{name}")] == figure_steps, name
 
 
 def test_the_callbacks_kept_figures_render_the_pixels_of_new_figures_from_the_plot_functions():
