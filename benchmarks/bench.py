@@ -476,6 +476,7 @@ def bench_callback_overhead(args: argparse.Namespace, device: torch.device) -> d
         "without": None,
         "defaults": {},
         "log_figures=False": {"log_figures": False},
+        "figures_every_n_evaluations=5": {"figures_every_n_evaluations": 5},
         "figures_every_n_evaluations=1": {"figures_every_n_evaluations": 1},
         "num_samples=64": {"num_samples": 64},
         "num_samples=1024": {"num_samples": 1024},

@@ -242,7 +242,8 @@ class ManifoldEntropicMetricsCallback(Callback):
         log_figures: draw and log the figures.
         figures_every_n_evaluations: draw them at the evaluations numbered n, 2n, ... (the first one, usually at the
             start, is number 0) and at the last one of the run; 1: at every evaluation, the first one included. With
-            the default schedule and 5: in the middle and at the end of the run.
+            the default schedule (10 evaluations after the first) and 10: once, at the end of the run; 5: also in the
+            middle.
         seed: seed of the callback's own generator for the latents (saved in checkpoints).
         strict: raise on a failed evaluation instead of warning.
 
@@ -304,7 +305,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         eps: float = DEFAULT_EPS,
         active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
         log_figures: bool = True,
-        figures_every_n_evaluations: int = 5,
+        figures_every_n_evaluations: int = 10,
         seed: int = 0,
         strict: bool = False,
     ) -> None:
