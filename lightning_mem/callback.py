@@ -135,7 +135,7 @@ class ManifoldEntropicMetricsCallback(Callback):
     text layout, PNG encoding) costs about 0.1 to 0.2 s on a CPU, more than evaluating a small model, so they are
     drawn at every ``figures_every_n_evaluations``-th evaluation and at the last one, not for the untrained model.
     ``callback.total_time`` holds the wall-clock seconds this process spent in the callback's evaluations, logging
-    and figures.
+    and figures during the current (or last) ``fit``.
 
     The latents are ``num_samples`` draws from :math:`N(0, I_d)` made once with the callback's own seeded
     ``torch.Generator`` (the same points at every evaluation, so curves are smooth and comparable), or the given
@@ -484,6 +484,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         self._figure_loggers = []
         self._undrawn = None
         self._live_figures = {}
+        self.total_time = 0.0
         if trainer.is_global_zero:
             if not trainer.loggers:
                 rank_zero_warn(
