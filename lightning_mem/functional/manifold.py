@@ -6,11 +6,12 @@ from torch import Tensor
 
 from lightning_mem.functional.statistics import (
     DEFAULT_EPS,
+    _pairwise_statistics,
+    batch_gram,
     batch_statistics,
     cross_statistics,
     finish_cross_mutual_information,
     finish_entropy,
-    finish_pairwise_mutual_information,
     finish_total_correlation,
 )
 
@@ -154,8 +155,9 @@ def manifold_pairwise_mutual_information(
     References:
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
-    statistics = batch_statistics(jacobian, gram, std=std, sigma=sigma, eps=eps, labels=labels, num_classes=num_classes)
-    return finish_pairwise_mutual_information(statistics)
+    # Only the pairwise terms: no log-determinants (no Cholesky factorisation) for this metric alone
+    statistics = _pairwise_statistics(batch_gram(jacobian, gram, std=std, sigma=sigma), eps=eps, labels=labels, num_classes=num_classes)
+    return finish_cross_mutual_information(statistics)
 
 
 def manifold_cross_mutual_information(

@@ -19,6 +19,7 @@ __all__ = [
     "STANDARD_NORMAL_ENTROPY",
     "CrossStatistics",
     "GramStatistics",
+    "batch_gram",
     "batch_statistics",
     "check_gram",
     "check_jacobian",
@@ -30,6 +31,7 @@ __all__ = [
     "gram_statistics",
     "jacobian_gram",
     "num_active_latents",
+    "pairwise_statistics",
 ]
 
 STANDARD_NORMAL_ENTROPY = 0.5 * (1.0 + math.log(2.0 * math.pi))
@@ -122,6 +124,11 @@ def _check_finite(tensor: Tensor, name: str) -> None:
         )
 
 
+def _check_eps(eps: float) -> None:
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
+        raise ValueError(f"Expected `eps` to be a positive finite float, but got {eps!r}.")
+
+
 def _check_scale(scale: Tensor | float, name: str, numel: int | None = None) -> Tensor:
     scale = torch.as_tensor(scale, dtype=torch.float64)
     if numel is not None and scale.numel() != numel:
@@ -178,26 +185,39 @@ def jacobian_gram(jacobian: Tensor, *, std: Tensor | float | None = None, sigma:
     return _scale_latents(gram, sigma)
 
 
-_GRAM_BLOCK_BYTES = 2**21
-"""On CPU, samples are converted to float64 and multiplied this many bytes at a time, so the copy stays in cache."""
+_CACHE_BLOCK_BYTES = 2**22
+"""On CPU, per-sample float64 work (the Gram product, the pairwise terms) is done about this many bytes at a time,
+in a reused buffer that stays in cache."""
+
+
+def _block_size(n: int, bytes_per_sample: int, device: torch.device) -> int:
+    """Samples per block: about :data:`_CACHE_BLOCK_BYTES` on CPU, a multiple of the intra-op threads (a batched
+    product shares whole samples among them, so an odd block of 3 on 2 threads took as long as 4), all on a GPU."""
+    if device.type != "cpu":
+        return n
+    threads = max(1, torch.get_num_threads())
+    step = max(threads, _CACHE_BLOCK_BYTES // bytes_per_sample // threads * threads)
+    return min(n, step)
 
 
 def _float64_gram(flat: Tensor, scale: Tensor | None) -> Tensor:
     """``(scale * flat)^T (scale * flat)`` in float64 for a ``(N, D, d)`` Jacobian and a float64 ``(1, D, 1)`` scale.
 
-    A lower-precision Jacobian on CPU is converted a few samples at a time: the same float64 products as converting
-    it all at once, without writing and re-reading a float64 copy of the whole batch (about a third faster).
+    A lower-precision Jacobian on CPU is converted a few samples at a time into one reused buffer: the same float64
+    products as converting it all at once, without writing and re-reading a float64 copy of the whole batch.
     """
     if flat.dtype == torch.float64 or flat.device.type != "cpu" or flat.requires_grad:
         flat = flat.to(torch.float64) if scale is None else flat.to(torch.float64) * scale
         return flat.mT @ flat
     n, big_d, d = flat.shape
     gram = torch.empty((n, d, d), dtype=torch.float64)
-    step = max(1, _GRAM_BLOCK_BYTES // (8 * big_d * d))
+    step = _block_size(n, 8 * big_d * d, flat.device)
+    buffer = torch.empty((step, big_d, d), dtype=torch.float64)
     for start in range(0, n, step):
-        block = flat[start : start + step].to(torch.float64)
+        block = buffer[: min(step, n - start)]
+        block.copy_(flat[start : start + step])
         if scale is not None:
-            block = block * scale
+            block.mul_(scale)
         torch.matmul(block.mT, block, out=gram[start : start + step])
     return gram
 
@@ -244,18 +264,30 @@ def _pairwise_terms(cross: Tensor, floored_a: Tensor, floored_b: Tensor) -> Tens
     return -0.5 * torch.log((1.0 - rho2).clamp_min(_MIN_DECORRELATION))
 
 
-def _pairwise_sums(gram: Tensor, floored: Tensor, off_diagonal: Tensor, rows: Tensor, num_rows: int) -> Tensor:
-    """Sums over samples (one row per class) of :func:`_pairwise_terms` of ``gram`` with itself, times ``off_diagonal``.
+def _pairwise_sums(gram: Tensor, floored: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """Sums over samples (one row per class) of :func:`_pairwise_terms` of ``gram`` with itself, zero diagonal.
 
-    Without autograd the per-sample ``(N, d, d)`` terms are built in place in one buffer, and the factor
-    :math:`-\\tfrac12` and the zero diagonal are applied to the ``(K, d, d)`` sums (the same numbers, fewer passes).
+    Without autograd the per-sample ``(N, d, d)`` terms are built in place, a cache-sized block of samples at a time
+    in one reused buffer, and the factor :math:`-\\tfrac12` and the zero diagonal are applied to the ``(K, d, d)``
+    sums (the same numbers, fewer passes over memory).
     """
+    n, d, _ = gram.shape
+    off_diagonal = 1.0 - torch.eye(d, dtype=gram.dtype, device=gram.device)
     if torch.is_grad_enabled() and (gram.requires_grad or floored.requires_grad):
         return _sum_rows(_pairwise_terms(gram, floored, floored) * off_diagonal, rows, num_rows)
-    log_decorrelation = gram.square()
-    log_decorrelation.div_(floored[:, :, None] * floored[:, None, :])
-    log_decorrelation.neg_().add_(1.0).clamp_min_(_MIN_DECORRELATION).log_()
-    return _sum_rows(log_decorrelation, rows, num_rows).mul_(-0.5).mul_(off_diagonal)
+    sums = gram.new_zeros((num_rows, d, d))
+    step = _block_size(n, 8 * d * d, gram.device)
+    buffer = torch.empty((step, d, d), dtype=gram.dtype, device=gram.device)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        log_decorrelation = torch.mul(gram[start:stop], gram[start:stop], out=buffer[: stop - start])
+        log_decorrelation.div_(floored[start:stop, :, None] * floored[start:stop, None, :])
+        log_decorrelation.neg_().add_(1.0).clamp_min_(_MIN_DECORRELATION).log_()
+        if num_rows == 1:
+            sums[0] += log_decorrelation.sum(0)
+        else:
+            sums.index_add_(0, rows[start:stop], log_decorrelation)
+    return sums.mul_(-0.5).mul_(off_diagonal)
 
 
 def gram_statistics(
@@ -285,9 +317,12 @@ def gram_statistics(
     Returns:
         :class:`GramStatistics` with ``K`` rows (``K = 1`` without classes).
     """
-    gram = check_gram(gram).to(torch.float64)
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
-        raise ValueError(f"Expected `eps` to be a positive finite float, but got {eps!r}.")
+    return _gram_statistics(check_gram(gram).to(torch.float64), eps=eps, labels=labels, num_classes=num_classes)
+
+
+def _gram_statistics(gram: Tensor, *, eps: float, labels: Tensor | None, num_classes: int | None) -> GramStatistics:
+    """:func:`gram_statistics` of a float64 Gram batch already checked (shape, finite)."""
+    _check_eps(eps)
     n, d, _ = gram.shape
     rows, num_rows = _class_rows(labels, num_classes, n, gram.device)
 
@@ -316,8 +351,7 @@ def gram_statistics(
     # Hadamard's inequality log det G <= sum_i log G_ii, kept with the floors: MTC >= 0 for every sample.
     log_det = torch.minimum(log_det, log_diag.sum(-1))
 
-    off_diagonal = 1.0 - torch.eye(d, dtype=gram.dtype, device=gram.device)
-    pairwise = _pairwise_sums(gram, floored, off_diagonal, rows, num_rows)
+    pairwise = _pairwise_sums(gram, floored, rows, num_rows)
 
     ones = torch.ones(n, dtype=torch.float64, device=gram.device)
     return GramStatistics(
@@ -328,6 +362,33 @@ def gram_statistics(
         num_inactive=_sum_rows((diag <= eps).to(torch.float64), rows, num_rows),
         num_fallback=_sum_rows(failed.to(torch.float64), rows, num_rows),
     )
+
+
+def batch_gram(
+    jacobian: Tensor | None = None,
+    gram: Tensor | None = None,
+    *,
+    std: Tensor | float | None = None,
+    sigma: Tensor | None = None,
+) -> Tensor:
+    """The checked float64 Gram matrices ``(N, d, d)`` of a batch given as Jacobians or as Gram matrices.
+
+    Exactly one of ``jacobian`` and ``gram`` must be given. With ``gram``, ``std`` must be a scalar (a per-output data
+    scale needs the Jacobian). ``std`` and ``sigma`` as in :func:`jacobian_gram`.
+    """
+    if (jacobian is None) == (gram is None):
+        raise ValueError("Expected exactly one of `jacobian` and `gram`, but got " + ("both." if gram is not None else "neither."))
+    if jacobian is not None:
+        return jacobian_gram(jacobian, std=std, sigma=sigma)
+    gram = check_gram(gram)
+    if std is not None:
+        std = torch.as_tensor(std)
+        if std.numel() != 1:
+            raise ValueError(
+                f"Expected a scalar `std` with `gram` (a per-output scale needs the Jacobian), but got shape {tuple(std.shape)}."
+            )
+        gram = gram.to(torch.float64) * _check_scale(std, "std").to(gram.device).reshape(()) ** 2
+    return _scale_latents(gram.to(torch.float64), sigma)
 
 
 def batch_statistics(
@@ -342,24 +403,42 @@ def batch_statistics(
 ) -> GramStatistics:
     """:func:`gram_statistics` of a batch given as Jacobians ``(N, *output_shape, d)`` or as Gram matrices ``(N, d, d)``.
 
-    Exactly one of ``jacobian`` and ``gram`` must be given. With ``gram``, ``std`` must be a scalar (a per-output data
-    scale needs the Jacobian). Other arguments as in :func:`jacobian_gram` and :func:`gram_statistics`.
+    Arguments as in :func:`batch_gram` and :func:`gram_statistics`.
     """
-    if (jacobian is None) == (gram is None):
-        raise ValueError("Expected exactly one of `jacobian` and `gram`, but got " + ("both." if gram is not None else "neither."))
-    if jacobian is not None:
-        gram = jacobian_gram(jacobian, std=std, sigma=sigma)
-    else:
-        gram = check_gram(gram)
-        if std is not None:
-            std = torch.as_tensor(std)
-            if std.numel() != 1:
-                raise ValueError(
-                    f"Expected a scalar `std` with `gram` (a per-output scale needs the Jacobian), but got shape {tuple(std.shape)}."
-                )
-            gram = gram.to(torch.float64) * _check_scale(std, "std").to(gram.device).reshape(()) ** 2
-        gram = _scale_latents(gram.to(torch.float64), sigma)
-    return gram_statistics(gram, eps=eps, labels=labels, num_classes=num_classes)
+    _check_eps(eps)
+    gram = batch_gram(jacobian, gram, std=std, sigma=sigma)
+    return _gram_statistics(gram, eps=eps, labels=labels, num_classes=num_classes)
+
+
+def pairwise_statistics(
+    gram: Tensor,
+    *,
+    eps: float = DEFAULT_EPS,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+) -> CrossStatistics:
+    r"""Only the pairwise sums of :func:`gram_statistics`: :math:`-\tfrac12\log(1-\rho_{ij}^2)`, zero diagonal.
+
+    The cross terms of the decoder with itself, without the log-determinants (no Cholesky factorisation): what the
+    pairwise mutual information alone needs. Arguments as in :func:`gram_statistics`.
+
+    Example:
+        >>> statistics = pairwise_statistics(torch.tensor([[[1.0, 0.6], [0.6, 1.0]]]))
+        >>> finish_cross_mutual_information(statistics)  # -1/2 log(1 - 0.36)
+        tensor([[0.0000, 0.2231],
+                [0.2231, 0.0000]], dtype=torch.float64)
+    """
+    return _pairwise_statistics(check_gram(gram).to(torch.float64), eps=eps, labels=labels, num_classes=num_classes)
+
+
+def _pairwise_statistics(gram: Tensor, *, eps: float, labels: Tensor | None, num_classes: int | None) -> CrossStatistics:
+    """:func:`pairwise_statistics` of a float64 Gram batch already checked (shape, finite)."""
+    _check_eps(eps)
+    n = gram.shape[0]
+    rows, num_rows = _class_rows(labels, num_classes, n, gram.device)
+    floored = gram.diagonal(dim1=-2, dim2=-1).clamp_min(eps)
+    ones = torch.ones(n, dtype=torch.float64, device=gram.device)
+    return CrossStatistics(count=_sum_rows(ones, rows, num_rows), pairwise=_pairwise_sums(gram, floored, rows, num_rows))
 
 
 def cross_statistics(
@@ -385,8 +464,7 @@ def cross_statistics(
             f"Expected `reference_jacobian` with the same samples and output shape as `jacobian`, "
             f"i.e. ({', '.join(map(str, jacobian.shape[:-1]))}, d_ref), but got {tuple(reference_jacobian.shape)}."
         )
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
-        raise ValueError(f"Expected `eps` to be a positive finite float, but got {eps!r}.")
+    _check_eps(eps)
     n, big_d, d = flat_a.shape
     rows, num_rows = _class_rows(labels, num_classes, n, jacobian.device)
     a = flat_a.to(torch.float64)

@@ -121,8 +121,8 @@ class _GramMetric(_ClassConditionalMetric):
 
         ``labels`` ``(N,)`` are required in class-conditional mode (``num_classes`` set) and refused otherwise.
         """
-        if jacobian is not None:
-            check_jacobian(jacobian, latent_dim=self.latent_dim)
+        if jacobian is not None:  # finiteness is checked once, on the Gram diagonal, by `batch_statistics`
+            check_jacobian(jacobian, latent_dim=self.latent_dim, check_finite=False)
         elif gram is not None and (gram.ndim != 3 or gram.shape[-1] != self.latent_dim):
             raise ValueError(f"Expected `gram` of shape (N, {self.latent_dim}, {self.latent_dim}), but got {tuple(gram.shape)}.")
         statistics = batch_statistics(
