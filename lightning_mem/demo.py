@@ -149,7 +149,8 @@ def run_demo(
 
     The callback evaluates the decoder at ``num_samples`` fixed prior samples
     ``torch.randn(num_samples, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)`` before
-    training, every ``steps / 10`` steps and at the end, and logs curves and figures to TensorBoard in
+    training and at 10 evenly spaced steps up to the end (its default schedule, ``num_evaluations=10``), and logs
+    curves and (at the end) figures to TensorBoard in
     ``out/demo_<model>/version_<k>``. The returned metrics are those of its last evaluation; ``spectrum.png`` (the
     spectra of all evaluations, coloured by step), ``pairwise_mutual_information.png`` and ``final.ckpt`` are
     written next to the event files.
@@ -190,8 +191,7 @@ def run_demo(
     latents = torch.randn(num_samples, module.latent_dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     callback = ManifoldEntropicMetricsCallback(
         latents=latents,
-        every_n_train_steps=max(steps // DEMO_NUM_EVALUATIONS, 1),
-        every_n_epochs=None,
+        num_evaluations=DEMO_NUM_EVALUATIONS,
         active_threshold=threshold,
         seed=seed,
     )
