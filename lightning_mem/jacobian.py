@@ -181,9 +181,7 @@ def iter_decoder_jacobians(
         raise ValueError(
             f"Expected the decoder to keep the batch dimension (1 sample in, 1 out), but got output shape {tuple(probe.shape)}."
         )
-    # Forward mode unless the output is narrower than the latent: d JVPs against D VJPs, and for a square decoder
-    # (a flow) the JVPs keep no activations for a backward pass (about 1.4x faster for the benchmark's GLOW flow).
-    forward = mode == "forward" or (mode in ("auto", "loop") and probe[0].numel() >= z.shape[1])
+    forward = mode == "forward" or (mode in ("auto", "loop") and probe[0].numel() > z.shape[1])
     traced = mode != "loop"
     step = z.shape[0] if chunk_size is None else chunk_size
     grad_context = torch.enable_grad if create_graph else torch.no_grad
@@ -233,7 +231,7 @@ def decoder_jacobian(
         z: latent points, shape ``(N, d)``, floating point (float32 or float64, any device).
         condition: optional per-sample condition, shape ``(N, ...)``.
         mode: ``"forward"`` (``jacfwd``, ``d`` JVPs a sample), ``"reverse"`` (``jacrev``, ``D`` VJPs a sample),
-            ``"auto"`` (forward unless the flattened output ``D`` is smaller than ``d``; falls back to
+            ``"auto"`` (forward when the flattened output ``D`` exceeds ``d``, reverse otherwise; falls back to
             ``"loop"`` with a warning when ``torch.func`` cannot trace the decoder) or ``"loop"`` (plain
             ``torch.autograd``: ``d`` forward-mode passes or ``D`` backward passes over the batch).
         chunk_size: samples differentiated at once; bounds peak memory at about ``chunk_size`` times one
