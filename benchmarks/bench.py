@@ -79,21 +79,6 @@ def conv_decoder(d: int) -> nn.Module:
     ).eval()
 
 
-def upsample_conv_decoder(d: int) -> nn.Module:
-    """The resize-convolution variant of :func:`conv_decoder`: nearest-neighbour upsampling, then a 3x3 convolution."""
-    return nn.Sequential(
-        nn.Linear(d, 16 * 7 * 7),
-        nn.ReLU(),
-        nn.Unflatten(1, (16, 7, 7)),
-        nn.Upsample(scale_factor=2),
-        nn.Conv2d(16, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Upsample(scale_factor=2),
-        nn.Conv2d(8, 1, 3, padding=1),
-        nn.Sigmoid(),
-    ).eval()
-
-
 def coupling_flow(dim: int, blocks: int = 4, hidden: int = 128) -> nn.Module:
     """A FrEIA GLOW coupling flow on ``R^dim`` (``blocks`` affine couplings with fixed random permutations)."""
     import FrEIA.framework as Ff
@@ -114,7 +99,6 @@ def case_config(name: str, quick: bool) -> dict[str, Any]:
     configs = {
         "mlp": {"d": 100, "D": 784, "N": 200 if quick else 1000, "chunk": 100},
         "conv": {"d": 100, "D": 784, "N": 200 if quick else 1000, "chunk": 100},
-        "upconv": {"d": 100, "D": 784, "N": 200 if quick else 1000, "chunk": 100},
         "flow": {"d": 784, "D": 784, "N": 16 if quick else 64, "chunk": 16},
         "memory": {"d": 512 if quick else 1024, "D": 512 if quick else 1024, "N": 64 if quick else 256, "chunk": 16},
     }
@@ -129,8 +113,6 @@ def build_case(name: str, quick: bool, device: torch.device) -> tuple[Callable, 
         decoder = mlp_decoder(config["d"], config["D"])
     elif name == "conv":
         decoder = conv_decoder(config["d"])
-    elif name == "upconv":
-        decoder = upsample_conv_decoder(config["d"])
     else:  # the memory case is about memory: a cheaper flow of the same kind keeps its baseline run short
         inn = coupling_flow(config["d"]) if name == "flow" else coupling_flow(config["d"], blocks=2, hidden=64)
         decoder = lm.as_decoder(inn)
@@ -760,7 +742,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU is named in the output)")
     parser.add_argument("--quick", action="store_true", help="smaller cases, for a smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="alternating repetitions per method (default 3, quick 1)")
-    parser.add_argument("--cases", default="mlp,conv,upconv,flow,sweep,memory,estimators,callback", help="comma-separated subset")
+    parser.add_argument("--cases", default="mlp,conv,flow,sweep,memory,estimators,callback", help="comma-separated subset")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
     parser.add_argument("--peak-of", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
@@ -780,7 +762,7 @@ def main(argv: list[str] | None = None) -> None:
     header = machine(device)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    rows = [bench_decoder_case(name, args, device, ablation=name == "mlp") for name in ("mlp", "conv", "upconv", "flow") if name in cases]
+    rows = [bench_decoder_case(name, args, device, ablation=name == "mlp") for name in ("mlp", "conv", "flow") if name in cases]
     flow_row = next((row for row in rows if "_state" in row), None)
     flow_state = flow_row.pop("_state") if flow_row else None
     sweep = bench_sweep(args, device) if "sweep" in cases else []
