@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping, Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -125,7 +125,8 @@ class ManifoldEntropicMetricsCallback(Callback):
     schedule is a function of the run's total length only, so a run resumed from a checkpoint evaluates at the same
     steps as an uninterrupted one, and every DDP rank uses rank zero's :math:`T`. A run of unknown length
     (``max_steps=-1`` with ``max_epochs=-1``, or an iterable dataset without ``max_steps``) warns once and is
-    evaluated at the end of every epoch instead.
+    evaluated at the end of every epoch instead. With ``EarlyStopping`` or ``max_time``, which can end a run long
+    before its estimated length, the callback warns that fixed intervals may suit better.
     ``every_n_train_steps`` / ``every_n_epochs`` replace this schedule by fixed intervals (``num_evaluations`` is
     then ignored); ``num_evaluations=None`` leaves only the evaluations at the start and the end.
 
@@ -580,6 +581,13 @@ class ManifoldEntropicMetricsCallback(Callback):
             self._epoch_interval = _UNBOUNDED_FALLBACK_EPOCHS
             return
         self._scheduled_steps = _evenly_spaced_steps(int(total_steps), self.num_evaluations)
+        stoppers = [type(c).__name__ for c in trainer.callbacks if isinstance(c, (EarlyStopping, Timer))]
+        if stoppers:
+            rank_zero_warn(
+                f"ManifoldEntropicMetricsCallback: `num_evaluations={self.num_evaluations}` are spread over the run's estimated "
+                f"{int(total_steps)} steps, but {' and '.join(stoppers)} may end it sooner and leave most of them out (the end of "
+                "training is still evaluated). Pass `every_n_epochs` or `every_n_train_steps` for a fixed interval."
+            )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

@@ -20,7 +20,7 @@ import pytest
 import torch
 from _callback_models import DATA_DIM, LATENT_DIM, TinyVAE, ground_truth_decoder, loader
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -369,6 +369,18 @@ def test_an_unbounded_run_warns_once_and_evaluates_every_epoch(tmp_path, unbound
         steps, _ = _evaluated_steps(tmp_path, **options)
     assert len([w for w in caught if "length is unknown" in str(w.message)]) == 1
     assert steps == [0, 4, 8]  # the start and the end of each of the two epochs of 4 batches
+
+
+@pytest.mark.parametrize("stopper", ["early_stopping", "max_time"])
+def test_a_run_that_may_stop_early_warns_that_the_spread_schedule_may_be_cut_short(tmp_path, stopper):
+    options = {"max_epochs": 3}
+    if stopper == "early_stopping":
+        options["callbacks"] = [EarlyStopping(monitor="loss", patience=100, strict=False)]
+    else:
+        options["max_time"] = {"hours": 1}
+    with pytest.warns(UserWarning, match=r"num_evaluations=10.* estimated 12 steps, but (EarlyStopping|Timer) may end it sooner"):
+        steps, _ = _evaluated_steps(tmp_path, **options)
+    assert steps == [0, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12]  # the schedule itself is unchanged
 
 
 # ---------------------------------------------------------------- training is not changed
