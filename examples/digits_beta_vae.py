@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import seed_everything
 
-from lightning_mem.datasets import load_digits, tensor_dataloader
 from lightning_mem.demo import DIGITS_ACTIVE_THRESHOLD, fit, intra_op_threads
-from lightning_mem.evaluate import decoder_metrics, save_spectrum_figure
+from lightning_mem.demo.datasets import load_digits, tensor_dataloader
+from lightning_mem.demo.models import BetaVAE
+from lightning_mem.evaluate import decoder_metrics
 from lightning_mem.functional import STANDARD_NORMAL_ENTROPY
-from lightning_mem.models import BetaVAE
+from lightning_mem.plotting import save_spectrum_figure
 
 FULL_BETAS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 8.0)
 FAST_BETAS = (0.5, 1.0, 2.0, 8.0)

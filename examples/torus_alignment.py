@@ -1,6 +1,6 @@
 """GLOW flows on the paper's rotated torus: compare the learned latents with a known ground-truth generator.
 
-The data are ``k`` circles in ``R^{2k}`` under a random rotation (:class:`lightning_mem.datasets.TorusGenerator`):
+The data are ``k`` circles in ``R^{2k}`` under a random rotation (:class:`lightning_mem.demo.datasets.TorusGenerator`):
 ``d = D = 2k`` standard-normal latents with known scales ``sigma_i`` and orthogonal decoder columns, so the
 ground truth has entropy spectrum ``h0 + log sigma_i`` (plus ``E[log r_k]`` for the angles), zero total
 correlation and zero pairwise mutual information.
@@ -28,15 +28,15 @@ import torch
 from lightning.pytorch import seed_everything
 
 from lightning_mem import decoder_jacobian
-from lightning_mem.datasets import TorusGenerator, tensor_dataloader
 from lightning_mem.demo import fit, intra_op_threads
+from lightning_mem.demo.datasets import TorusGenerator, tensor_dataloader
+from lightning_mem.demo.models import CouplingFlow
 from lightning_mem.functional import (
     manifold_cross_mutual_information,
     manifold_entropy,
     manifold_pairwise_mutual_information,
     manifold_total_correlation,
 )
-from lightning_mem.models import CouplingFlow
 
 TOTAL_CORRELATION_WEIGHT = 0.1
 PENALTY_SAMPLES = 16

@@ -26,10 +26,10 @@ import torch
 from lightning.pytorch import seed_everything
 
 from lightning_mem import decoder_jacobian
-from lightning_mem.datasets import make_two_moons, tensor_dataloader
 from lightning_mem.demo import fit, intra_op_threads
+from lightning_mem.demo.datasets import make_two_moons, tensor_dataloader
+from lightning_mem.demo.models import CouplingFlow
 from lightning_mem.functional import manifold_entropy, manifold_pairwise_mutual_information, manifold_total_correlation
-from lightning_mem.models import CouplingFlow
 
 TOTAL_CORRELATION_WEIGHT = 1.0
 RECONSTRUCTION_WEIGHT = 10.0
@@ -39,7 +39,7 @@ VARIANTS = {
     "ML + TC": {"total_correlation_weight": TOTAL_CORRELATION_WEIGHT, "penalty_samples": PENALTY_SAMPLES},
     "ML + rec(z0)": {"reconstruction_weight": RECONSTRUCTION_WEIGHT},
 }
-"""The three trainings and their extra loss weights (see :class:`lightning_mem.models.CouplingFlow`)."""
+"""The three trainings and their extra loss weights (see :class:`lightning_mem.demo.models.CouplingFlow`)."""
 
 NOISE = 0.1
 FULL = {"steps": 3000, "num_points": 4000}

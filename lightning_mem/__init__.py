@@ -1,7 +1,9 @@
 """lightning_mem: manifold entropic metrics of generative models' latent spaces, for PyTorch and Lightning."""
 
 from lightning_mem import functional
-from lightning_mem.jacobian import as_decoder, decoder_gram, decoder_jacobian, iter_decoder_jacobians
+from lightning_mem.decoders import as_decoder
+from lightning_mem.functional.gram import decoder_gram
+from lightning_mem.jacobian import decoder_jacobian, iter_decoder_jacobian_columns, iter_decoder_jacobians
 from lightning_mem.metrics import (
     ManifoldCrossMutualInformation,
     ManifoldEntropicMetrics,
@@ -34,5 +36,6 @@ __all__ = [
     "decoder_gram",
     "decoder_jacobian",
     "functional",
+    "iter_decoder_jacobian_columns",
     "iter_decoder_jacobians",
 ]

@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status (0 success, 2 usage or input error).
 
     Example:
-        >>> main(["evaluate", "--module-class", "lightning_mem.models:BetaVAE", "--checkpoint", "missing.ckpt"])
+        >>> main(["evaluate", "--module-class", "lightning_mem.demo.models:BetaVAE", "--checkpoint", "missing.ckpt"])
         2
     """
     args = _parser().parse_args(argv)

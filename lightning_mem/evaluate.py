@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
+import os
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +15,14 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from lightning_mem._checks import check_positive_int
+from lightning_mem.decoders import resolve_decoder, resolve_latent_dim
+from lightning_mem.evaluation import evaluate_decoder, evaluation_mode, prior_latents
 from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS, entropy_spectrum
-from lightning_mem.jacobian import iter_decoder_jacobians
 from lightning_mem.metrics import ManifoldEntropicMetrics
+from lightning_mem.plotting import save_mutual_information_figure, save_spectrum_figure
 
-__all__ = [
-    "decoder_metrics",
-    "evaluate_checkpoint",
-    "format_metrics",
-    "load_module",
-    "resolve_decoder",
-    "resolve_latent_dim",
-    "save_mutual_information_figure",
-    "save_spectrum_figure",
-]
-
-DEFAULT_DECODER_NAMES = ("decoder", "decode")
-"""Attribute or method names searched, in order, for a module's decoder."""
+__all__ = ["decoder_metrics", "evaluate_checkpoint", "format_metrics", "load_module"]
 
 
 def _import_class(module_class: str) -> type:
@@ -91,47 +83,6 @@ def load_module(
     return module.eval()
 
 
-def resolve_decoder(module: torch.nn.Module, decoder: str | None = None) -> tuple[str, Callable]:
-    """Find a module's decoder: the attribute or method ``decoder`` names, else ``decoder`` then ``decode``.
-
-    Returns:
-        ``(name, callable)``.
-
-    Raises:
-        ValueError: if the module has no such callable attribute.
-    """
-    names = DEFAULT_DECODER_NAMES if decoder is None else (decoder,)
-    for name in names:
-        candidate = getattr(module, name, None)
-        if callable(candidate):
-            return name, candidate
-    wanted = " or ".join(f"`{name}`" for name in names)
-    hint = "" if decoder is not None else " (or name it with `decoder`, --decoder on the command line)"
-    raise ValueError(
-        f"Expected {type(module).__name__} to expose a decoder z -> x as an attribute or method {wanted}{hint}, but it has none."
-    )
-
-
-def resolve_latent_dim(module: torch.nn.Module, latent_dim: int | None = None) -> int:
-    """The latent size: ``latent_dim`` if given, else ``module.latent_dim``, else ``module.hparams.latent_dim``.
-
-    Raises:
-        ValueError: if none is known or it is not a positive int.
-    """
-    if latent_dim is None:
-        latent_dim = getattr(module, "latent_dim", None)
-    if latent_dim is None:
-        latent_dim = getattr(getattr(module, "hparams", {}), "get", lambda key: None)("latent_dim")
-    if latent_dim is None:
-        raise ValueError(
-            f"Expected the latent size: pass `latent_dim` (--latent-dim), or give {type(module).__name__} a `latent_dim` "
-            "attribute or hyperparameter, but none was found."
-        )
-    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-        raise ValueError(f"Expected `latent_dim` to be a positive int, but got {latent_dim!r}.")
-    return latent_dim
-
-
 def decoder_metrics(
     decoder: Callable,
     z: Tensor,
@@ -149,8 +100,9 @@ def decoder_metrics(
         H_i = h_0 + \tfrac12\mathbb{E}[\log G_{ii}],\quad H = d\,h_0 + \tfrac12\mathbb{E}[\log\det G],\quad
         \mathrm{MTC} = \textstyle\sum_i H_i - H,\quad \mathrm{MPMI}_{ij} = -\tfrac12\mathbb{E}[\log(1-\rho_{ij}^2)]
 
-    The Jacobians are computed ``chunk_size`` samples at a time and added to the Metric's float64 sums, so memory
-    stays bounded; a tqdm progress bar counts the chunks when ``progress`` is set.
+    The Jacobians are computed ``chunk_size`` samples at a time by :func:`lightning_mem.evaluation.evaluate_decoder`
+    and added to the Metric's float64 sums, so memory stays bounded; a tqdm progress bar counts the chunks when
+    ``progress`` is set.
 
     Args:
         decoder: callable ``z -> x`` (in eval mode).
@@ -162,11 +114,8 @@ def decoder_metrics(
         progress: show a progress bar.
 
     Returns:
-        The dict of :meth:`ManifoldEntropicMetrics.compute <lightning_mem.ManifoldEntropicMetrics.compute>`:
-        ``entropy``, ``entropy_per_dim``, ``latent_entropy`` (d,), ``spectrum`` (d,), ``spectrum_order`` (d,),
-        ``num_active``, ``total_correlation``, ``total_correlation_per_dim``, ``pairwise_mutual_information``
-        (d, d), ``pairwise_mutual_information_max``, ``pairwise_mutual_information_mean``, ``num_fallback``,
-        ``num_classes_seen``.
+        The dict of :meth:`ManifoldEntropicMetrics.compute <lightning_mem.ManifoldEntropicMetrics.compute>` (the
+        README's vocabulary table).
 
     Example:
         >>> decoder = torch.nn.Linear(2, 3, bias=False)
@@ -179,15 +128,15 @@ def decoder_metrics(
     References:
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
-    from tqdm.auto import tqdm
-
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"Expected `chunk_size` to be a positive int, but got {chunk_size!r}.")
+    check_positive_int(chunk_size, "chunk_size")
     metric = ManifoldEntropicMetrics(z.shape[-1], std=std, eps=eps, active_threshold=active_threshold).to(z.device)
-    chunks = iter_decoder_jacobians(decoder, z, mode=mode, chunk_size=chunk_size)
-    num_chunks = math.ceil(z.shape[0] / chunk_size)
-    for jacobian in tqdm(chunks, total=num_chunks, desc="manifold entropic metrics", unit="chunk", disable=not progress, leave=False):
-        metric.update(jacobian)
+
+    def progress_bar(chunks: Iterator[Any], total: int) -> Iterator[Any]:
+        from tqdm.auto import tqdm
+
+        return iter(tqdm(chunks, total=total, desc="manifold entropic metrics", unit="chunk", leave=False))
+
+    evaluate_decoder(decoder, z, metric, mode=mode, chunk_size=chunk_size, progress=progress_bar if progress else None)
     return metric.compute()
 
 
@@ -219,84 +168,6 @@ def format_metrics(metrics: Mapping[str, Tensor | float], *, top_k: int = 5, tit
     top = ", ".join(f"z{int(i)}: {float(h):.3f}" for h, i in zip(spectrum[:top_k], order[:top_k], strict=True))
     row("top entropies H_i", top)
     return "\n".join(lines)
-
-
-def _subplots(figsize: tuple[float, float]) -> tuple[Any, Any]:
-    """A new figure on matplotlib's non-interactive Agg backend (files only, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=figsize, dpi=100, layout="constrained")
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def save_spectrum_figure(
-    spectra: Mapping[str, Tensor],
-    path: str | Path,
-    *,
-    title: str = "Entropy spectrum",
-    reference: Tensor | None = None,
-    reference_label: str = "ground truth",
-    threshold: float | None = None,
-    color_values: Sequence[float] | None = None,
-    color_label: str = "step",
-) -> Path:
-    r"""Draw one or more entropy spectra (sorted :math:`H_i` against rank) with :mod:`lightning_mem.plotting` into a PNG.
-
-    Args:
-        spectra: label -> ``(d,)`` per-latent entropies (sorted here, descending).
-        path: output PNG path (parent folders are created).
-        title: figure title.
-        reference: optional ``(d,)`` ground-truth entropies, drawn dashed (sorted here).
-        reference_label: its legend label.
-        threshold: optional active-latent level :math:`h_0 + \log(\text{threshold})` in nats, a dotted line.
-        color_values: a number per spectrum (e.g. beta) to colour the lines by, with a colour bar.
-        color_label: the colour bar's label.
-
-    Returns:
-        The path written.
-    """
-    from lightning_mem.plotting import plot_entropy_spectrum
-
-    fig, ax = _subplots((5.2, 3.6))
-    sorted_spectra = [entropy_spectrum(torch.as_tensor(values, dtype=torch.float64).detach().cpu())[0] for values in spectra.values()]
-    labels = None if color_values is not None else list(spectra)  # a colour bar replaces the legend
-    plot_entropy_spectrum(sorted_spectra, ax=ax, labels=labels, color_values=color_values, color_label=color_label, title=title)
-    if reference is not None:
-        truth = entropy_spectrum(torch.as_tensor(reference, dtype=torch.float64).detach().cpu())[0]
-        ax.plot(torch.arange(1, truth.numel() + 1).numpy(), truth.numpy(), "k--", label=reference_label)
-    if threshold is not None:
-        ax.axhline(threshold, color="gray", linewidth=0.8, linestyle=":", label="active threshold")
-    if labels is not None or reference is not None or threshold is not None:
-        ax.legend(fontsize="small")
-    return _save(fig, path)
-
-
-def save_mutual_information_figure(
-    matrix: Tensor,
-    path: str | Path,
-    *,
-    title: str = "Manifold pairwise mutual information",
-    xlabel: str = "latent j",
-    ylabel: str = "latent i",
-) -> Path:
-    """Draw an MPMI or MCPMI matrix as a heatmap with :mod:`lightning_mem.plotting` into a PNG and return the path."""
-    from lightning_mem.plotting import plot_mutual_information
-
-    fig, ax = _subplots((4.6, 3.8))
-    plot_mutual_information(torch.as_tensor(matrix), ax=ax, title=title, xlabel=xlabel, ylabel=ylabel)
-    return _save(fig, path)
 
 
 def _jsonable(value: object) -> object:
@@ -335,7 +206,8 @@ def evaluate_checkpoint(
         out_dir: folder for the report and figures.
         num_samples: latent samples ``N`` drawn from the standard-normal prior.
         seed: seed of the latents' own ``torch.Generator`` (the global RNG is not used).
-        decoder: attribute or method name of the decoder (default: ``decoder``, then ``decode``).
+        decoder: attribute or method name of the decoder (default: ``decoder``, then ``decode``), resolved by
+            :func:`lightning_mem.decoders.resolve_decoder` as the callback does (a FrEIA network: its reverse pass).
         latent_dim: latent size (default: ``module.latent_dim`` or ``module.hparams.latent_dim``).
         chunk_size: samples differentiated at once (bounds memory).
         mode: Jacobian mode, as for :func:`lightning_mem.decoder_jacobian`.
@@ -357,36 +229,39 @@ def evaluate_checkpoint(
 
     Example:
         >>> import tempfile, lightning.pytorch as pl
-        >>> from lightning_mem.models import BetaVAE
+        >>> from lightning_mem.demo.models import BetaVAE
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     trainer = pl.Trainer(max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         ...                          enable_model_summary=False)
         ...     trainer.strategy.connect(BetaVAE(latent_dim=3, hidden_dim=8))
         ...     trainer.save_checkpoint(f"{tmp}/model.ckpt")
-        ...     report = evaluate_checkpoint(f"{tmp}/model.ckpt", "lightning_mem.models:BetaVAE", num_samples=8, progress=False)
+        ...     report = evaluate_checkpoint(f"{tmp}/model.ckpt", "lightning_mem.demo.models:BetaVAE", num_samples=8, progress=False)
         >>> report["latent_dim"], len(report["spectrum"]), sorted(report["files"])
         (3, 3, ['pairwise_mutual_information', 'report', 'spectrum'])
 
     References:
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
-    for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
+    check_positive_int(num_samples, "num_samples")
+    check_positive_int(chunk_size, "chunk_size")
     start = time.perf_counter()
     checkpoint = Path(checkpoint)
     module = load_module(module_class, checkpoint)
+    step = torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step")
     if double:
         module = module.double()
-    decoder_name, decoder_fn = resolve_decoder(module, decoder)
+    resolved = resolve_decoder(module, decoder)
     d = resolve_latent_dim(module, latent_dim)
-    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(num_samples, d, generator=generator, dtype=torch.float64).to(dtype)
-    metrics = decoder_metrics(decoder_fn, z, chunk_size=chunk_size, mode=mode, active_threshold=active_threshold, progress=progress)
-
     out = Path(out_dir) if out_dir is not None else checkpoint.with_name(f"{checkpoint.stem}_mem")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
+    (out / "report.json").unlink(missing_ok=True)  # a run killed from here on leaves no stale report beside new figures
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    z = prior_latents(num_samples, d, seed).to(dtype)
+    with evaluation_mode([module]):
+        metrics = decoder_metrics(
+            resolved.function, z, chunk_size=chunk_size, mode=mode, active_threshold=active_threshold, progress=progress
+        )
+
     class_path = module_class if isinstance(module_class, str) else f"{module_class.__module__}:{module_class.__qualname__}"
     files = {
         "report": str(out / "report.json"),
@@ -399,11 +274,10 @@ def evaluate_checkpoint(
             save_mutual_information_figure(metrics["pairwise_mutual_information"], out / "pairwise_mutual_information.png")
         ),
     }
-    step = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("global_step")
     report: dict[str, object] = {
         "checkpoint": str(checkpoint),
         "module_class": class_path,
-        "decoder": decoder_name,
+        "decoder": resolved.name,
         "latent_dim": d,
         "num_samples": num_samples,
         "seed": seed,
@@ -413,5 +287,28 @@ def evaluate_checkpoint(
         "wall_time_s": time.perf_counter() - start,
         "files": files,
     }
-    Path(files["report"]).write_text(json.dumps(report, indent=2))
+    _write_text_atomically(Path(files["report"]), json.dumps(report, indent=2))
     return report
+
+
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and check that a file can be written there, before any computation."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"Expected `out_dir` to be a writable folder, but {str(folder)!r} is not ({type(error).__name__}: {error})."
+        ) from error
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,4 +1,4 @@
-"""Per-sample decoder Jacobians and Gram matrices, built on ``torch.func``."""
+"""The Jacobian engine: per-sample decoder Jacobians (all columns, or sampled ones) on ``torch.func``, chunk by chunk."""
 
 from __future__ import annotations
 
@@ -8,65 +8,27 @@ from functools import partial
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd import forward_ad
-from torch.func import jacfwd, jacrev, vmap
+from torch.func import jacfwd, jacrev, jvp, vmap
 
-__all__ = ["as_decoder", "decoder_gram", "decoder_jacobian", "iter_decoder_jacobians"]
+from lightning_mem._checks import check_eval_mode, check_latents, check_mode, check_positive_int
+
+__all__ = ["call_decoder", "decoder_jacobian", "iter_decoder_jacobian_columns", "iter_decoder_jacobians"]
 
 JacobianMode = Literal["auto", "forward", "reverse", "loop"]
-_MODES = ("auto", "forward", "reverse", "loop")
+
+_UNTRACEABLE = (RuntimeError, NotImplementedError, ValueError, TypeError)
+"""What ``torch.func`` raises on a decoder it cannot trace (in-place updates, data-dependent control flow, ...)."""
 
 
-class InvertibleDecoder(nn.Module):
-    """Decoder view ``z -> inn(z, rev=True)[0]`` of an invertible network (e.g. a FrEIA ``SequenceINN``)."""
-
-    def __init__(self, inn: nn.Module) -> None:
-        super().__init__()
-        self.inn = inn
-
-    def forward(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
-        conditions = [] if condition is None else [condition]
-        return self.inn(z, c=conditions, rev=True, jac=False)[0]
-
-
-def as_decoder(inn: nn.Module) -> InvertibleDecoder:
-    """Wrap an invertible network so that it can be used as a decoder ``z -> x``.
-
-    The decoder direction of a normalizing flow is its reverse pass: ``x = inn(z, rev=True)[0]``.
-    A condition, if given to the decoder, is passed on as ``c=[condition]``.
-
-    Args:
-        inn: an invertible network whose ``forward`` takes ``(x_or_z, c=..., rev=..., jac=...)`` and returns
-            ``(output, log_jac_det)``, as FrEIA's ``SequenceINN`` and ``GraphINN`` do.
-
-    Returns:
-        An ``nn.Module`` sharing ``inn``'s parameters (train/eval mode follows ``inn``'s own).
+def call_decoder(decoder: Callable, z: Tensor, condition: Tensor | None = None) -> Tensor:
+    """``decoder(z)`` (or ``decoder(z, condition)``) as a tensor: a tuple or list output gives its first element.
 
     Raises:
-        TypeError: if ``inn`` is not an ``nn.Module``.
-
-    Example:
-        >>> import FrEIA.modules as Fm
-        >>> import FrEIA.framework as Ff
-        >>> _ = torch.manual_seed(0)
-        >>> def subnet(c_in, c_out):
-        ...     return nn.Sequential(nn.Linear(c_in, 16), nn.Tanh(), nn.Linear(16, c_out))
-        >>> inn = Ff.SequenceINN(4)
-        >>> inn.append(Fm.AllInOneBlock, subnet_constructor=subnet)
-        >>> decoder = as_decoder(inn)
-        >>> decoder_jacobian(decoder, torch.randn(3, 4)).shape
-        torch.Size([3, 4, 4])
-
-    References:
-        L. Ardizzone et al., *Framework for Easily Invertible Architectures (FrEIA)*, 2018-2022.
+        TypeError: if the output is neither a tensor nor a non-empty sequence starting with one.
     """
-    if not isinstance(inn, nn.Module):
-        raise TypeError(f"Expected `inn` to be a torch.nn.Module (an invertible network), but got {type(inn).__name__}.")
-    return InvertibleDecoder(inn)
-
-
-def _first_output(output: object) -> Tensor:
+    output = decoder(z) if condition is None else decoder(z, condition)
     if isinstance(output, (tuple, list)):
         if not output:
             raise TypeError("Expected the decoder to return a tensor or a non-empty tuple, but got an empty sequence.")
@@ -76,51 +38,54 @@ def _first_output(output: object) -> Tensor:
     return output
 
 
-def _call(decoder: Callable, z: Tensor, condition: Tensor | None) -> Tensor:
-    return _first_output(decoder(z) if condition is None else decoder(z, condition))
-
-
-def _modules_of(decoder: Callable) -> list[nn.Module]:
-    owner = decoder if isinstance(decoder, nn.Module) else getattr(decoder, "__self__", None)
-    return list(owner.modules()) if isinstance(owner, nn.Module) else []
-
-
-def _check_batch_norm(decoder: Callable) -> None:
-    training = [type(m).__name__ for m in _modules_of(decoder) if isinstance(m, nn.modules.batchnorm._NormBase) and m.training]
-    if training:
+def _probe(decoder: Callable, z: Tensor, condition: Tensor | None) -> Tensor:
+    """The decoder's output for the first sample, checked to keep the batch dimension."""
+    with torch.no_grad():
+        probe = call_decoder(decoder, z[:1], None if condition is None else condition[:1])
+    if probe.shape[0] != 1:
         raise ValueError(
-            f"Expected the decoder's normalization layers to be in eval mode, but {training[0]} is in training mode: "
-            "its output would depend on the whole batch and its running statistics would change. "
-            "Call `decoder.eval()` first (and `decoder.train()` afterwards to restore it)."
+            f"Expected the decoder to keep the batch dimension (1 sample in, 1 out), but got output shape {tuple(probe.shape)}."
         )
+    return probe
 
 
-def _validate(z: Tensor, condition: Tensor | None, mode: str, chunk_size: int | None) -> None:
-    if not isinstance(z, Tensor):
-        raise TypeError(f"Expected `z` to be a torch.Tensor, but got {type(z).__name__}.")
-    if z.ndim != 2:
-        raise ValueError(f"Expected `z` of shape (N, d), but got {tuple(z.shape)}.")
-    if z.shape[0] == 0 or z.shape[1] == 0:
-        raise ValueError(f"Expected `z` with at least one sample and one latent dim, but got shape {tuple(z.shape)}.")
-    if not z.is_floating_point():
-        raise TypeError(f"Expected `z` to be a floating point tensor, but got dtype {z.dtype}.")
-    if condition is not None:
-        if not isinstance(condition, Tensor):
-            raise TypeError(f"Expected `condition` to be a torch.Tensor or None, but got {type(condition).__name__}.")
-        if condition.ndim == 0 or condition.shape[0] != z.shape[0]:
-            raise ValueError(
-                f"Expected `condition` with N == {z.shape[0]} rows (one per latent sample), but got shape {tuple(condition.shape)}."
-            )
-    if mode not in _MODES:
-        raise ValueError(f"Expected `mode` to be one of {_MODES}, but got {mode!r}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"Expected `chunk_size` to be a positive int or None, but got {chunk_size!r}.")
+def _chunked(
+    z: Tensor,
+    condition: Tensor | None,
+    chunk_size: int | None,
+    traced: Callable[[Tensor, Tensor | None, slice], Tensor],
+    loop: Callable[[Tensor, Tensor | None, slice], Tensor],
+    *,
+    fallback: bool,
+) -> Iterator[Tensor]:
+    """``traced`` on each chunk of ``chunk_size`` samples; with ``fallback``, ``loop`` from the first chunk on where
+    ``torch.func`` cannot trace the decoder (one warning)."""
+    use_traced = True
+    step = z.shape[0] if chunk_size is None else chunk_size
+    for start in range(0, z.shape[0], step):
+        rows = slice(start, start + step)
+        c_rows = None if condition is None else condition[rows]
+        if use_traced:
+            try:
+                yield traced(z[rows], c_rows, rows)
+                continue
+            except _UNTRACEABLE as error:
+                if not fallback or start > 0:
+                    raise
+                warnings.warn(
+                    f"torch.func could not trace the decoder ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                    "falling back to mode='loop' (plain autograd, slower). Pass mode='loop' to silence this warning.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                use_traced = False
+        yield loop(z[rows], c_rows, rows)
 
 
 def _traced_jacobian(decoder: Callable, z: Tensor, condition: Tensor | None, forward: bool) -> Tensor:
     def one_sample(z_n: Tensor, c_n: Tensor | None) -> Tensor:
         c = None if c_n is None else c_n.unsqueeze(0)
-        return _call(decoder, z_n.unsqueeze(0), c).squeeze(0)
+        return call_decoder(decoder, z_n.unsqueeze(0), c).squeeze(0)
 
     jacobian_of = jacfwd if forward else jacrev
     in_dims = (0, None if condition is None else 0)
@@ -143,12 +108,12 @@ def _loop_jacobian(decoder: Callable, z: Tensor, condition: Tensor | None, forwa
                 tangent = torch.zeros_like(z)
                 tangent[:, i] = 1
                 with fork_rng():
-                    out = _call(decoder, forward_ad.make_dual(z, tangent), condition)
+                    out = call_decoder(decoder, forward_ad.make_dual(z, tangent), condition)
                 columns.append(forward_ad.unpack_dual(out).tangent)
         return torch.stack(columns, dim=-1)
     with torch.enable_grad():
         z_ = z if z.requires_grad and create_graph else z.detach().requires_grad_(True)
-        out = _call(decoder, z_, condition)
+        out = call_decoder(decoder, z_, condition)
         flat = out.reshape(n, -1)
         rows = [
             torch.autograd.grad(
@@ -173,37 +138,24 @@ def iter_decoder_jacobians(
     This is what the metrics use to keep memory at ``chunk_size x D x d`` however many samples are evaluated.
     Arguments are those of :func:`decoder_jacobian`.
     """
-    _validate(z, condition, mode, chunk_size)
-    _check_batch_norm(decoder)
-    with torch.no_grad():
-        probe = _call(decoder, z[:1], None if condition is None else condition[:1])
-    if probe.shape[0] != 1:
-        raise ValueError(
-            f"Expected the decoder to keep the batch dimension (1 sample in, 1 out), but got output shape {tuple(probe.shape)}."
-        )
+    check_latents(z, condition)
+    check_mode(mode)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    check_eval_mode(decoder)
+    probe = _probe(decoder, z, condition)
     forward = mode == "forward" or (mode in ("auto", "loop") and probe[0].numel() > z.shape[1])
-    traced = mode != "loop"
-    step = z.shape[0] if chunk_size is None else chunk_size
     grad_context = torch.enable_grad if create_graph else torch.no_grad
-    for start in range(0, z.shape[0], step):
-        z_chunk = z[start : start + step]
-        c_chunk = None if condition is None else condition[start : start + step]
+
+    def traced(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
         with grad_context():
-            if traced:
-                try:
-                    jacobian = _traced_jacobian(decoder, z_chunk, c_chunk, forward)
-                except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:
-                    if mode != "auto" or start > 0:
-                        raise
-                    warnings.warn(
-                        f"torch.func could not trace the decoder ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                        "falling back to mode='loop' (plain autograd, slower). Pass mode='loop' to silence this warning.",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    traced = False
-            if not traced:
-                jacobian = _loop_jacobian(decoder, z_chunk, c_chunk, forward, create_graph)
+            return _traced_jacobian(decoder, z_rows, c_rows, forward)
+
+    def loop(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
+        with grad_context():
+            return _loop_jacobian(decoder, z_rows, c_rows, forward, create_graph)
+
+    chunks = _chunked(z, condition, chunk_size, loop if mode == "loop" else traced, loop, fallback=mode == "auto")
+    for jacobian in chunks:
         yield jacobian if create_graph else jacobian.detach()
 
 
@@ -249,7 +201,7 @@ def decoder_jacobian(
             normalization layers in training mode.
 
     Example:
-        >>> decoder = nn.Linear(2, 3, bias=False)
+        >>> decoder = torch.nn.Linear(2, 3, bias=False)
         >>> with torch.no_grad():
         ...     _ = decoder.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]))
         >>> decoder_jacobian(decoder, torch.zeros(1, 2))
@@ -264,38 +216,68 @@ def decoder_jacobian(
     return torch.cat(list(chunks), dim=0)
 
 
-def decoder_gram(
+def _column_tangents(z: Tensor, columns: Tensor) -> Tensor:
+    """``(k, N, d)`` one-hot tangents: tangent ``j`` of sample ``n`` is the unit vector of latent ``columns[n, j]``."""
+    n, d = z.shape
+    tangents = torch.zeros(columns.shape[1], n, d, dtype=z.dtype, device=z.device)
+    return tangents.scatter_(2, columns.T.unsqueeze(-1).to(z.device), 1.0)
+
+
+def iter_decoder_jacobian_columns(
     decoder: Callable,
     z: Tensor,
+    columns: Tensor,
     *,
     condition: Tensor | None = None,
-    mode: JacobianMode = "auto",
     chunk_size: int | None = None,
-    std: Tensor | float | None = None,
-    sigma: Tensor | None = None,
-) -> Tensor:
-    r"""Per-sample Gram matrices :math:`G = J^\top J` in float64, computed ``chunk_size`` samples at a time.
+) -> Iterator[Tensor]:
+    r"""Yield the sampled columns :math:`J_{S_n} = \partial g / \partial z_{S_n}`, ``chunk_size`` samples at a time.
 
-    Only ``chunk_size x D x d`` Jacobian entries exist at once; the result is ``N x d x d``.
+    Sample ``n`` is pushed forward along the ``k`` latents ``columns[n]`` only (``k`` forward-mode JVPs instead of
+    ``d``), e.g. with the design of :func:`lightning_mem.functional.estimators.sample_latent_columns`. Where
+    ``torch.func`` cannot trace the decoder, a loop of ``torch.autograd.forward_ad`` passes is used (one warning).
 
     Args:
-        decoder, z, condition, mode, chunk_size: as for :func:`decoder_jacobian`.
-        std: data scale (scalar, or per output entry with the decoder's output shape or flattened); see
-            :func:`lightning_mem.functional.jacobian_gram`.
-        sigma: latent scale per latent dim, shape ``(d,)``.
+        decoder, z, condition, chunk_size: as for :func:`decoder_jacobian`.
+        columns: ``(N, k)`` long, the latents differentiated for each sample.
 
-    Returns:
-        Tensor of shape ``(N, d, d)``, float64, symmetric positive semi-definite.
+    Yields:
+        ``(n, *output_shape, k)`` per chunk of ``n`` samples, detached; column ``j`` of sample ``n`` is
+        :math:`\partial g(z_n) / \partial z_{n, \mathrm{columns}[n, j]}`.
 
     Example:
-        >>> decoder = nn.Linear(2, 3, bias=False)
+        >>> decoder = torch.nn.Linear(3, 2, bias=False)
         >>> with torch.no_grad():
-        ...     _ = decoder.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]))
-        >>> decoder_gram(decoder, torch.zeros(1, 2))
-        tensor([[[2., 1.],
-                 [1., 5.]]], dtype=torch.float64)
+        ...     _ = decoder.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+        >>> next(iter_decoder_jacobian_columns(decoder, torch.zeros(2, 3), torch.tensor([[2], [0]])))
+        tensor([[[3.],
+                 [6.]],
+        <BLANKLINE>
+                [[1.],
+                 [4.]]])
     """
-    from lightning_mem.functional.statistics import jacobian_gram
+    check_latents(z, condition)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    if not isinstance(columns, Tensor) or columns.ndim != 2 or columns.shape[0] != z.shape[0] or columns.is_floating_point():
+        raise ValueError(f"Expected `columns` of shape ({z.shape[0]}, k), integer, but got {getattr(columns, 'shape', columns)!r}.")
+    check_eval_mode(decoder)
+    output_shape = _probe(decoder, z, condition).shape[1:]
 
-    chunks = iter_decoder_jacobians(decoder, z, condition=condition, mode=mode, chunk_size=chunk_size)
-    return torch.cat([jacobian_gram(jacobian, std=std, sigma=sigma) for jacobian in chunks], dim=0)
+    def as_columns(out: Tensor) -> Tensor:  # (k, n, *output_shape) -> (n, *output_shape, k)
+        return out.movedim(0, -1).reshape(out.shape[1], *output_shape, out.shape[0])
+
+    def traced(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
+        def push_forward(tangent: Tensor) -> Tensor:
+            return jvp(lambda z_: call_decoder(decoder, z_, c_rows), (z_rows,), (tangent,))[1]
+
+        with torch.no_grad():
+            return as_columns(vmap(push_forward)(_column_tangents(z_rows, columns[rows])))
+
+    def loop(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
+        outputs = []
+        with torch.no_grad(), forward_ad.dual_level():
+            for tangent in _column_tangents(z_rows, columns[rows]):
+                outputs.append(forward_ad.unpack_dual(call_decoder(decoder, forward_ad.make_dual(z_rows, tangent), c_rows)).tangent)
+        return as_columns(torch.stack(outputs))
+
+    yield from _chunked(z, condition, chunk_size, traced, loop, fallback=True)

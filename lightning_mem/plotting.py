@@ -1,14 +1,28 @@
-"""Figures shared by the Metric classes' ``plot`` and the callback: entropy spectra and mutual-information heatmaps."""
+"""Figures shared by the Metric classes' ``plot``, the callback and the CLI: entropy spectra and mutual-information heatmaps."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["plot_entropy_spectrum", "plot_mutual_information"]
+from lightning_mem.functional.manifold import entropy_spectrum
+
+__all__ = [
+    "EvaluationFigures",
+    "MutualInformationFigure",
+    "SpectrumHistoryFigure",
+    "plot_entropy_spectrum",
+    "plot_mutual_information",
+    "save_figure",
+    "save_mutual_information_figure",
+    "save_spectrum_figure",
+]
 
 
 def _pyplot() -> Any:
@@ -164,7 +178,7 @@ def _plot_spectrum(ax: Any, spectrum: Tensor, **style: Any) -> None:
     ax.plot(index.numpy(), spectrum.numpy(), **_SPECTRUM_LINE, **style)
 
 
-class _SpectrumHistoryFigure:
+class SpectrumHistoryFigure:
     """``plot_entropy_spectrum(spectra, color_values=...)`` on off-screen axes, kept and updated as spectra are added.
 
     The callback draws the history of all its evaluations again and again: adding the new lines and recolouring
@@ -197,7 +211,7 @@ class _SpectrumHistoryFigure:
         return self.figure
 
 
-class _MutualInformationFigure:
+class MutualInformationFigure:
     """``plot_mutual_information`` on off-screen axes, kept and updated with each new matrix of the same shape."""
 
     def __init__(self, **text: str) -> None:
@@ -217,3 +231,111 @@ class _MutualInformationFigure:
         self._image.set_clim(0.0, float(matrix.max()))  # as imshow(vmin=0.0) scales a new image
         self._image.axes.set_title(title)
         return self.figure
+
+
+class EvaluationFigures:
+    """The callback's figures of one run, kept between evaluations and updated with each (off-screen, Agg).
+
+    ``update(history, values)`` returns ``{tag: figure}``: ``spectrum_history`` (every evaluation's spectrum, coloured
+    by step), ``pairwise_mutual_information`` and, when ``values`` has it, ``reference/cross_mutual_information``.
+    """
+
+    def __init__(self) -> None:
+        self.spectrum_history = SpectrumHistoryFigure(color_label="training step")
+        self.pairwise = MutualInformationFigure()
+        self.reference = MutualInformationFigure(xlabel="reference latent j", ylabel="model latent i")
+
+    def update(self, history: Sequence[Mapping[str, Any]], values: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Figures of the evaluation that ``values`` and ``history[-1]`` (``{"step", "spectrum"}`` entries) describe."""
+        steps = [entry["step"] for entry in history]
+        spectra = [entry["spectrum"] for entry in history]
+        figures = {
+            "spectrum_history": self.spectrum_history.update(spectra, steps, title=f"Entropy spectrum, steps {steps[0]} to {steps[-1]}"),
+            "pairwise_mutual_information": self.pairwise.update(
+                values["pairwise_mutual_information"], title=f"Manifold pairwise MI, step {steps[-1]}"
+            ),
+        }
+        if "reference/cross_mutual_information" in values:
+            figures["reference/cross_mutual_information"] = self.reference.update(
+                values["reference/cross_mutual_information"], title=f"Manifold cross MI with the reference, step {steps[-1]}"
+            )
+        return figures
+
+
+def _subplots(figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A new figure on matplotlib's non-interactive Agg backend (files only, no display needed)."""
+    return _pyplot().subplots(figsize=figsize, dpi=100, layout="constrained")
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``) and close it.
+
+    A kill leaves the old file or the new one, never half of one. Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            fig.savefig(file, format=path.suffix.lstrip(".") or "png")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    finally:
+        _pyplot().close(fig)
+    return path
+
+
+def save_spectrum_figure(
+    spectra: Mapping[str, Tensor],
+    path: str | Path,
+    *,
+    title: str = "Entropy spectrum",
+    reference: Tensor | None = None,
+    reference_label: str = "ground truth",
+    threshold: float | None = None,
+    color_values: Sequence[float] | None = None,
+    color_label: str = "step",
+) -> Path:
+    r"""Draw one or more entropy spectra (sorted :math:`H_i` against rank) with :mod:`lightning_mem.plotting` into a PNG.
+
+    Args:
+        spectra: label -> ``(d,)`` per-latent entropies (sorted here, descending).
+        path: output PNG path (parent folders are created).
+        title: figure title.
+        reference: optional ``(d,)`` ground-truth entropies, drawn dashed (sorted here).
+        reference_label: its legend label.
+        threshold: optional active-latent level :math:`h_0 + \log(\text{threshold})` in nats, a dotted line.
+        color_values: a number per spectrum (e.g. beta) to colour the lines by, with a colour bar.
+        color_label: the colour bar's label.
+
+    Returns:
+        The path written.
+    """
+    fig, ax = _subplots((5.2, 3.6))
+    sorted_spectra = [entropy_spectrum(torch.as_tensor(values, dtype=torch.float64).detach().cpu())[0] for values in spectra.values()]
+    labels = None if color_values is not None else list(spectra)  # a colour bar replaces the legend
+    plot_entropy_spectrum(sorted_spectra, ax=ax, labels=labels, color_values=color_values, color_label=color_label, title=title)
+    if reference is not None:
+        truth = entropy_spectrum(torch.as_tensor(reference, dtype=torch.float64).detach().cpu())[0]
+        ax.plot(torch.arange(1, truth.numel() + 1).numpy(), truth.numpy(), "k--", label=reference_label)
+    if threshold is not None:
+        ax.axhline(threshold, color="gray", linewidth=0.8, linestyle=":", label="active threshold")
+    if labels is not None or reference is not None or threshold is not None:
+        ax.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
+def save_mutual_information_figure(
+    matrix: Tensor,
+    path: str | Path,
+    *,
+    title: str = "Manifold pairwise mutual information",
+    xlabel: str = "latent j",
+    ylabel: str = "latent i",
+) -> Path:
+    """Draw an MPMI or MCPMI matrix as a heatmap with :mod:`lightning_mem.plotting` into a PNG and return the path."""
+    fig, ax = _subplots((4.6, 3.8))
+    plot_mutual_information(torch.as_tensor(matrix), ax=ax, title=title, xlabel=xlabel, ylabel=ylabel)
+    return save_figure(fig, path)

@@ -218,11 +218,11 @@ def test_tensorboard_fit_logs_every_key_at_every_scheduled_step_and_figures(tmp_
         float(drift_cross.diagonal().mean()), rel=1e-5
     )
 
-    # the class docstring documents every key that was logged
-    doc = ManifoldEntropicMetricsCallback.__doc__
+    # the README's vocabulary table documents every key that was logged
+    vocabulary = (HERE.parent / "README.md").read_text().split("## Vocabulary", 1)[1].split("\n## ", 1)[0]
     for tag in scalar_tags | set(events.Tags()["images"]):
-        name = re.sub(r"top_\d+$", "top_1", tag.removeprefix("mem/"))
-        assert f"``{name}``" in doc, name
+        name = re.sub(r"top_\d+$", "top_k", tag.removeprefix("mem/"))
+        assert f"`{name}`" in vocabulary, name
 
 
 def test_drift_of_an_unchanged_decoder_is_perfect_correlation(tmp_path):
@@ -245,10 +245,10 @@ def test_drift_from_kept_jacobians_equals_drift_recomputed_from_the_parameter_sn
         return callback
 
     kept = run(tmp_path / "kept")
-    assert [tuple(j.shape) for j in kept._previous_jacobians] == [(10, DATA_DIM, LATENT_DIM)] * 2 + [(4, DATA_DIM, LATENT_DIM)]
-    monkeypatch.setattr("lightning_mem.callback._MAX_KEPT_JACOBIAN_BYTES", 0)  # nothing fits: recompute every time
+    assert [tuple(j.shape) for j in kept._tracker.previous_jacobians] == [(10, DATA_DIM, LATENT_DIM)] * 2 + [(4, DATA_DIM, LATENT_DIM)]
+    monkeypatch.setattr("lightning_mem.tracking.MAX_KEPT_JACOBIAN_BYTES", 0)  # nothing fits: recompute every time
     recomputed = run(tmp_path / "recomputed")
-    assert recomputed._previous_jacobians is None
+    assert recomputed._tracker.previous_jacobians is None
     assert [entry["step"] for entry in kept.history] == [entry["step"] for entry in recomputed.history] == [0, 2, 4, 6]
     for name in ("drift/cross_mutual_information", "drift/informational_correlation", "drift/alignment", "entropy"):
         assert torch.equal(kept.last_metrics[name], recomputed.last_metrics[name]), name
@@ -268,9 +268,9 @@ def test_figures_are_drawn_at_every_n_th_evaluation_after_the_first_and_at_the_l
 
 def test_the_callbacks_kept_figures_render_the_pixels_of_new_figures_from_the_plot_functions():
     from lightning_mem.plotting import (
-        _MutualInformationFigure,
+        MutualInformationFigure,
+        SpectrumHistoryFigure,
         _offscreen_axes,
-        _SpectrumHistoryFigure,
         plot_entropy_spectrum,
         plot_mutual_information,
     )
@@ -282,7 +282,7 @@ def test_the_callbacks_kept_figures_render_the_pixels_of_new_figures_from_the_pl
     generator = torch.Generator().manual_seed(0)
     spectra = [torch.randn(16, generator=generator).sort(descending=True).values * (k + 1) for k in range(3)]
     steps = [0, 300, 600]
-    history, heatmap = _SpectrumHistoryFigure(color_label="training step"), _MutualInformationFigure()
+    history, heatmap = SpectrumHistoryFigure(color_label="training step"), MutualInformationFigure()
     for k in range(1, 4):  # each update adds a spectrum and changes the colour scale, the image and its range
         title = f"steps 0 to {steps[k - 1]}"
         _, ax = _offscreen_axes()
@@ -692,11 +692,11 @@ class NoLatentSize(NoDecoder):
 @pytest.mark.parametrize(
     ("module", "options", "message"),
     [
-        (NoDecoder, {}, r"could not find a decoder on NoDecoder: it has no attribute `decoder` or `decode`.*self\.decoder"),
-        (NoDecoder, {"decoder": "generator"}, r"no attribute `generator`.*decoder='name_of_your_decoder'"),
-        (NoDecoder, {"decoder": "latent_dim"}, r"`NoDecoder.latent_dim` is a int, not a decoder"),
-        (NoLatentSize, {}, r"does not know the latent size.*latent_dim=.*self\.latent_dim.*save_hyperparameters"),
-        (NoLatentSize, {"latents": torch.zeros(4, 3)}, r"`latents` have 3 columns but the latent size is 2"),
+        (NoDecoder, {}, r"NoDecoder to expose a decoder z -> x as an attribute or method `decoder` or `decode`.*self\.decoder"),
+        (NoDecoder, {"decoder": "generator"}, r"method `generator`, but it has none.*decoder='name_of_your_decoder'"),
+        (NoDecoder, {"decoder": "latent_dim"}, r"`NoDecoder.latent_dim` to be a decoder z -> x, but it is a int"),
+        (NoLatentSize, {}, r"latent size of NoLatentSize's decoder.*latent_dim=.*self\.latent_dim.*save_hyperparameters"),
+        (NoLatentSize, {"latents": torch.zeros(4, 3)}, r"`latents` of shape \(N, 2\) \(the latent size\), but got \(4, 3\)"),
     ],
 )
 def test_misconfiguration_is_reported_in_setup_with_how_to_fix_it(tmp_path, module, options, message):
@@ -722,7 +722,7 @@ def test_misconfiguration_is_reported_in_setup_with_how_to_fix_it(tmp_path, modu
         ({"latents": torch.zeros(5)}, ValueError, r"`latents` to be a floating point tensor of shape \(N, d\).*\(5,\)"),
         ({"latents": [1.0]}, TypeError, r"`latents` to be a tensor"),
         ({"latent_dim": 2, "latents": torch.zeros(4, 3)}, ValueError, r"`latents` of shape \(N, 2\).*\(4, 3\)"),
-        ({"conditions": torch.zeros(10)}, ValueError, r"`conditions` with N == num_samples == 256 rows, but got \(10,\)"),
+        ({"conditions": torch.zeros(10)}, ValueError, r"`conditions` with N == 256 rows \(one per latent\), but got \(10,\)"),
         ({"num_classes": 3, "num_samples": 4, "conditions": torch.rand(4)}, ValueError, r"integer class labels.*torch.float32"),
         ({"conditions": lambda labels: labels}, ValueError, r"`num_classes` to be set"),
         ({"reference_latents": torch.zeros(4, 2)}, ValueError, r"`reference_decoder` to be set"),

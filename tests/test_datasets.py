@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits as sklearn_load_digits
 
-from lightning_mem.datasets import DIGITS_SHAPE, TorusGenerator, load_digits, make_two_moons, tensor_dataloader
+from lightning_mem.demo.datasets import DIGITS_SHAPE, TorusGenerator, load_digits, make_two_moons, tensor_dataloader
 from lightning_mem.functional import (
     STANDARD_NORMAL_ENTROPY,
     manifold_entropy,

@@ -68,7 +68,7 @@ def test_flow_demo_entropy_equals_the_flows_own_log_determinant(tmp_path):
     # H = d h0 + E[log |det J_decoder(z)|] = d h0 - E[log |det J_encoder(x)|] at x = decoder(z): the flow's own log-det
     from lightning_mem.evaluate import load_module
 
-    flow = load_module("lightning_mem.models:CouplingFlow", result["checkpoint"])
+    flow = load_module("lightning_mem.demo.models:CouplingFlow", result["checkpoint"])
     z = torch.randn(256, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64).float()  # the demo's latents
     with torch.no_grad():
         _, log_det_encoder = flow.inn(flow.decoder(z))

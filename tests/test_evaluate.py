@@ -85,7 +85,7 @@ def _write_checkpoint(module, path, latent_dim):
 
 @pytest.fixture(scope="module")
 def vae_checkpoint(tmp_path_factory):
-    from lightning_mem.models import BetaVAE
+    from lightning_mem.demo.models import BetaVAE
 
     return _write_checkpoint(BetaVAE(latent_dim=2, hidden_dim=4), tmp_path_factory.mktemp("vae") / "vae.ckpt", 64)
 
@@ -123,7 +123,7 @@ def test_round_trip_of_a_linear_decoder_matches_the_closed_form(user_package, tm
 
 
 def test_round_trip_of_a_beta_vae_matches_a_naive_autograd_evaluation(tmp_path):
-    from lightning_mem.models import BetaVAE
+    from lightning_mem.demo.models import BetaVAE
 
     module = BetaVAE(latent_dim=3, hidden_dim=16)
     checkpoint = _write_checkpoint(module, tmp_path / "vae.ckpt", 64)
@@ -173,8 +173,8 @@ def test_cli_round_trip_in_a_second_process(user_package, tmp_path):
 def test_missing_checkpoint(tmp_path, capsys):
     missing = tmp_path / "missing.ckpt"
     with pytest.raises(FileNotFoundError, match=r"missing\.ckpt"):
-        evaluate_checkpoint(missing, "lightning_mem.models:BetaVAE")
-    assert main(["evaluate", "--module-class", "lightning_mem.models:BetaVAE", "--checkpoint", str(missing)]) == 2
+        evaluate_checkpoint(missing, "lightning_mem.demo.models:BetaVAE")
+    assert main(["evaluate", "--module-class", "lightning_mem.demo.models:BetaVAE", "--checkpoint", str(missing)]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -182,7 +182,7 @@ def test_missing_checkpoint(tmp_path, capsys):
     ("module_class", "error", "match"),
     [
         ("no_such_package.models:Model", ImportError, "no_such_package"),
-        ("lightning_mem.models:NoSuchModel", ImportError, "NoSuchModel"),
+        ("lightning_mem.demo.models:NoSuchModel", ImportError, "NoSuchModel"),
         ("NoModulePath", ValueError, "package.module:ClassName"),
         ("torch.nn:Linear", TypeError, "LightningModule subclass"),
     ],
@@ -215,6 +215,6 @@ def test_module_without_decoder_or_latent_size(user_package, tmp_path, capsys):
 
 def test_bad_numbers_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="num_samples"):
-        evaluate_checkpoint(tmp_path / "any.ckpt", "lightning_mem.models:BetaVAE", num_samples=0)
+        evaluate_checkpoint(tmp_path / "any.ckpt", "lightning_mem.demo.models:BetaVAE", num_samples=0)
     with pytest.raises(SystemExit):
         main(["evaluate", "--module-class", "x:Y", "--checkpoint", "c.ckpt", "--num-samples", "-3"])

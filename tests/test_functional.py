@@ -511,9 +511,9 @@ def test_float32_jacobian_is_accumulated_in_float64(nonlinear):
 def test_cache_sized_blocks_change_nothing(nonlinear, monkeypatch, classes):
     """On CPU the float64 Gram product and the pairwise terms are built a few samples at a time in reused buffers:
     with blocks of one or two samples (an odd N leaves a short last block) every metric still equals the formulas."""
-    from lightning_mem.functional import statistics
+    from lightning_mem.functional import gram as gram_module
 
-    monkeypatch.setattr(statistics, "_CACHE_BLOCK_BYTES", 1)
+    monkeypatch.setattr(gram_module, "_CACHE_BLOCK_BYTES", 1)
     jacobian32 = nonlinear["jacobian"][:-1].float()  # 49 samples
     std = nonlinear["std"]
     labels = nonlinear["labels"][:-1]
@@ -526,7 +526,7 @@ def test_cache_sized_blocks_change_nothing(nonlinear, monkeypatch, classes):
     got = all_metrics(jacobian32, std=std, **options)
     for key, value in expected.items():
         close(got[key], value, atol=1e-9)
-    gram = statistics.jacobian_gram(jacobian32, std=std)
+    gram = gram_module.jacobian_gram(jacobian32, std=std)
     scaled = jacobian32.double() * std.reshape(1, -1, 1)
     torch.testing.assert_close(gram, scaled.mT @ scaled, atol=1e-12, rtol=1e-14)
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import lightning_mem as lm
-from lightning_mem.functional.statistics import GramStatistics, gram_statistics, jacobian_gram
+from lightning_mem.functional import jacobian_gram
+from lightning_mem.functional.statistics import GramStatistics, gram_statistics
 
 
 def _decoder() -> nn.Module:
@@ -63,7 +64,8 @@ _PEAK_SCRIPT = textwrap.dedent(
     import sys, torch
     from torch import nn
     import lightning_mem as lm
-    from lightning_mem.functional.statistics import gram_statistics, jacobian_gram
+    from lightning_mem.functional import jacobian_gram
+    from lightning_mem.functional.statistics import gram_statistics
     torch.manual_seed(0)
     n, chunk = int(sys.argv[1]), (None if sys.argv[2] == "none" else int(sys.argv[2]))
     decoder = nn.Sequential(nn.Linear(32, 4096), nn.Tanh()).eval()  # J: 4096 x 32 float32 = 512 KiB a sample

@@ -9,18 +9,12 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
-from torch.func import jvp, vmap
 
-from lightning_mem.functional.statistics import (
-    DEFAULT_EPS,
-    STANDARD_NORMAL_ENTROPY,
-    _check_scale,
-    _pairwise_terms,
-    gram_statistics,
-    jacobian_gram,
-)
-from lightning_mem.jacobian import InvertibleDecoder, _call, _check_batch_norm, _validate, iter_decoder_jacobians
+from lightning_mem._checks import check_eval_mode, check_latents, check_positive_float, check_positive_int, check_scale
+from lightning_mem.decoders import InvertibleDecoder
+from lightning_mem.functional.gram import jacobian_gram
+from lightning_mem.functional.statistics import DEFAULT_EPS, STANDARD_NORMAL_ENTROPY, gram_statistics, pairwise_terms
+from lightning_mem.jacobian import call_decoder, iter_decoder_jacobian_columns, iter_decoder_jacobians
 
 __all__ = [
     "SampledGramStatistics",
@@ -89,8 +83,7 @@ def sample_latent_columns(
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
     for name, value in (("num_samples", num_samples), ("latent_dim", latent_dim), ("num_columns", num_columns)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
+        check_positive_int(value, name)
     if num_columns > latent_dim:
         raise ValueError(f"Expected `num_columns` in [1, latent_dim={latent_dim}], but got {num_columns}.")
     per_sweep = math.ceil(latent_dim / num_columns)
@@ -101,27 +94,6 @@ def sample_latent_columns(
     columns = permutations[:, slots].reshape(-1, num_columns)[:num_samples]
     columns = columns[torch.randperm(num_samples, generator=generator)]
     return columns.to(device) if device is not None else columns
-
-
-def _sampled_jacobian(decoder: Callable, z: Tensor, condition: Tensor | None, columns: Tensor, traced: bool) -> Tensor:
-    """Columns ``columns[n]`` of the Jacobian at ``z[n]`` by ``k`` forward-mode JVPs over the batch: ``(N, D, k)``."""
-    n, d = z.shape
-    k = columns.shape[1]
-    tangents = torch.zeros(k, n, d, dtype=z.dtype, device=z.device)
-    tangents.scatter_(2, columns.T.unsqueeze(-1).to(z.device), 1.0)
-    if traced:
-
-        def push_forward(tangent: Tensor) -> Tensor:
-            return jvp(lambda z_: _call(decoder, z_, condition), (z,), (tangent,))[1]
-
-        out = vmap(push_forward)(tangents)
-    else:
-        outputs = []
-        with forward_ad.dual_level():
-            for tangent in tangents:
-                outputs.append(forward_ad.unpack_dual(_call(decoder, forward_ad.make_dual(z, tangent), condition)).tangent)
-        out = torch.stack(outputs)
-    return out.reshape(k, n, -1).permute(1, 2, 0)
 
 
 def _log_abs_det_of(log_abs_det: LogAbsDet, decoder: Callable, z: Tensor, condition: Tensor | None, rows: slice) -> Tensor:
@@ -165,7 +137,7 @@ def _log_scale(std: Tensor | float | None, sigma: Tensor | None, big_d: int) -> 
     """:math:`\\log|\\det|` of the data and latent scalings, ``log|det(diag(std) J diag(sigma))| - log|det J|``."""
     total = 0.0
     if std is not None:
-        std = _check_scale(std, "std")
+        std = check_scale(std, "std")
         total += big_d * float(std.log()) if std.numel() == 1 else float(std.log().sum())
     if sigma is not None:
         total += float(sigma.log().sum())
@@ -227,18 +199,17 @@ def sampled_gram_statistics(
     References:
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
-    _validate(z, condition, "auto", chunk_size)
-    _check_batch_norm(decoder)
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
-        raise ValueError(f"Expected `eps` to be a positive finite float, but got {eps!r}.")
+    check_latents(z, condition)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    check_positive_float(eps, "eps")
+    check_eval_mode(decoder)
     n, d = z.shape
     if num_columns is not None and (isinstance(num_columns, bool) or not isinstance(num_columns, int) or not 1 <= num_columns <= d):
         raise ValueError(f"Expected `num_columns` to be an int in [1, d={d}] or None, but got {num_columns!r}.")
     if sigma is not None:
-        sigma = _check_scale(sigma, "sigma", d).to(z.device).reshape(d)
+        sigma = check_scale(sigma, "sigma", d).to(z.device).reshape(d)
     with torch.no_grad():
-        probe = _call(decoder, z[:1], None if condition is None else condition[:1])
-    big_d = probe[0].numel()
+        big_d = call_decoder(decoder, z[:1], None if condition is None else condition[:1])[0].numel()
     _check_log_abs_det(log_abs_det, decoder, n, d, big_d)
     step = n if chunk_size is None else chunk_size
     chunks = [slice(start, start + step) for start in range(0, n, step)]
@@ -282,26 +253,10 @@ def sampled_gram_statistics(
     pair_count = torch.zeros(d * d, dtype=torch.float64, device=z.device)
     pairwise = torch.zeros(d * d, dtype=torch.float64, device=z.device)
     distinct = ~torch.eye(num_columns, dtype=torch.bool, device=z.device)
-    traced = True
-    for rows in chunks:
+    sampled = iter_decoder_jacobian_columns(decoder, z, columns, condition=condition, chunk_size=chunk_size)
+    for rows, jacobian in zip(chunks, sampled, strict=True):
         drawn = columns[rows]
-        with torch.no_grad():
-            if traced:
-                try:
-                    jacobian = _sampled_jacobian(decoder, z[rows], cond(rows), drawn, traced=True)
-                except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:
-                    if rows.start > 0:
-                        raise
-                    warnings.warn(
-                        f"torch.func could not trace the decoder ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                        "falling back to a loop of forward-mode passes (slower).",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    traced = False
-            if not traced:
-                jacobian = _sampled_jacobian(decoder, z[rows], cond(rows), drawn, traced=False)
-        gram = jacobian_gram(jacobian.reshape(jacobian.shape[0], *probe.shape[1:], num_columns), std=std)
+        gram = jacobian_gram(jacobian, std=std)
         if sigma is not None:
             scale = sigma[drawn]
             gram = gram * (scale[:, :, None] * scale[:, None, :])
@@ -312,7 +267,7 @@ def sampled_gram_statistics(
         log_diag.index_add_(0, flat_drawn, floored.log().reshape(-1))
         num_inactive.index_add_(0, flat_drawn, (diag <= eps).to(torch.float64).reshape(-1))
         pairs = (drawn[:, :, None] * d + drawn[:, None, :])[:, distinct]
-        terms = _pairwise_terms(gram, floored, floored)[:, distinct]
+        terms = pairwise_terms(gram, floored, floored)[:, distinct]
         pair_count.index_add_(0, pairs.reshape(-1), torch.ones_like(terms).reshape(-1))
         pairwise.index_add_(0, pairs.reshape(-1), terms.reshape(-1))
     return SampledGramStatistics(

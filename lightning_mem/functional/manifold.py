@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
+from lightning_mem._checks import check_positive_float
 from lightning_mem.functional.statistics import (
+    DEFAULT_ACTIVE_THRESHOLD,
     DEFAULT_EPS,
-    _pairwise_statistics,
-    batch_gram,
+    STANDARD_NORMAL_ENTROPY,
     batch_statistics,
     cross_statistics,
-    finish_cross_mutual_information,
     finish_entropy,
+    finish_mutual_information,
     finish_total_correlation,
 )
 
@@ -21,6 +24,7 @@ __all__ = [
     "manifold_entropy",
     "manifold_pairwise_mutual_information",
     "manifold_total_correlation",
+    "num_active_latents",
 ]
 
 
@@ -156,8 +160,8 @@ def manifold_pairwise_mutual_information(
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
     # Only the pairwise terms: no log-determinants (no Cholesky factorisation) for this metric alone
-    statistics = _pairwise_statistics(batch_gram(jacobian, gram, std=std, sigma=sigma), eps=eps, labels=labels, num_classes=num_classes)
-    return finish_cross_mutual_information(statistics)
+    statistics = batch_statistics(jacobian, gram, std=std, sigma=sigma, eps=eps, labels=labels, num_classes=num_classes, pairwise_only=True)
+    return finish_mutual_information(statistics)
 
 
 def manifold_cross_mutual_information(
@@ -208,7 +212,7 @@ def manifold_cross_mutual_information(
     statistics = cross_statistics(
         jacobian, reference_jacobian, std=std, sigma=sigma, reference_sigma=reference_sigma, eps=eps, labels=labels, num_classes=num_classes
     )
-    return finish_cross_mutual_information(statistics)
+    return finish_mutual_information(statistics)
 
 
 def entropy_spectrum(entropy_per_dim: Tensor) -> tuple[Tensor, Tensor]:
@@ -232,3 +236,25 @@ def entropy_spectrum(entropy_per_dim: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"Expected `entropy_per_dim` of shape (d,), but got {tuple(getattr(entropy_per_dim, 'shape', ()))}.")
     spectrum, order = entropy_per_dim.sort(descending=True, stable=True)
     return spectrum, order
+
+
+def num_active_latents(entropy_per_dim: Tensor, threshold: float = DEFAULT_ACTIVE_THRESHOLD) -> Tensor:
+    r"""Number of latents with :math:`\exp(H_i - h_0) > \mathrm{threshold}` (geometric-mean column norm, data units).
+
+    Args:
+        entropy_per_dim: ``(d,)`` per-latent entropies :math:`H_i`.
+        threshold: positive column-norm level.
+
+    Returns:
+        Scalar long tensor.
+
+    Raises:
+        ValueError: if ``threshold`` is not a positive finite number.
+
+    Example:
+        >>> import torch
+        >>> num_active_latents(STANDARD_NORMAL_ENTROPY + torch.tensor([0.0, -3.0, -6.0]), threshold=0.01)  # log 0.01 = -4.6
+        tensor(2)
+    """
+    check_positive_float(threshold, "threshold")
+    return (entropy_per_dim > STANDARD_NORMAL_ENTROPY + math.log(threshold)).sum()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -10,20 +9,19 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
-from lightning_mem.functional.manifold import entropy_spectrum
+from lightning_mem._checks import check_positive_float, check_positive_int, check_scale
+from lightning_mem.functional.alignment import alignment_summary
+from lightning_mem.functional.manifold import entropy_spectrum, num_active_latents
 from lightning_mem.functional.statistics import (
     DEFAULT_ACTIVE_THRESHOLD,
     DEFAULT_EPS,
     CrossStatistics,
     GramStatistics,
     batch_statistics,
-    check_jacobian,
     cross_statistics,
-    finish_cross_mutual_information,
     finish_entropy,
-    finish_pairwise_mutual_information,
+    finish_mutual_information,
     finish_total_correlation,
-    num_active_latents,
 )
 from lightning_mem.plotting import plot_entropy_spectrum, plot_mutual_information
 
@@ -36,30 +34,34 @@ __all__ = [
 ]
 
 
-def _positive_int(value: Any, name: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive int{' or None' if allow_none else ''}, but got {value!r}.")
-
-
-def _positive_float(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise ValueError(f"Expected `{name}` to be a positive finite float, but got {value!r}.")
-
-
-class _ClassConditionalMetric(Metric):
-    """Validation and the class-row bookkeeping shared by every metric here."""
+class _SumMetric(Metric):
+    """Float64 sum states (one row per class), their validation, and the diagnostics shared by every metric here."""
 
     is_differentiable = False
     full_state_update = False
+    _statistics: type[GramStatistics] | type[CrossStatistics] = GramStatistics
 
-    def __init__(self, latent_dim: int, *, eps: float, num_classes: int | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        latent_dim: int,
+        *,
+        std: Tensor | float | None,
+        sigma: Tensor | None,
+        eps: float,
+        num_classes: int | None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
-        _positive_int(latent_dim, "latent_dim")
-        _positive_float(eps, "eps")
-        _positive_int(num_classes, "num_classes", allow_none=True)
+        check_positive_int(latent_dim, "latent_dim")
+        check_positive_float(eps, "eps")
+        check_positive_int(num_classes, "num_classes", allow_none=True)
+        if sigma is not None:
+            sigma = check_scale(sigma, "sigma", latent_dim).reshape(latent_dim)
+        if std is not None:
+            check_scale(std, "std")
         self.latent_dim = latent_dim
+        self.std = std
+        self.sigma = sigma
         self.eps = eps
         self.num_classes = num_classes
 
@@ -72,12 +74,18 @@ class _ClassConditionalMetric(Metric):
         for name, value in zip(statistics._fields, statistics, strict=True):
             setattr(self, name, getattr(self, name) + value.detach().to(getattr(self, name).device))
 
+    @property
+    def statistics(self) -> GramStatistics | CrossStatistics:
+        """The accumulated sums of this process (synced across processes inside ``compute``)."""
+        return self._statistics(*(getattr(self, name) for name in self._statistics._fields))
+
     def merge_state(self, incoming_state: dict[str, Tensor] | Metric) -> None:
         """Add another metric's (or a state dict's) sums to this one; the cached ``compute`` value is dropped."""
         super().merge_state(incoming_state)
         self._computed = None  # torchmetrics keeps the value cached by an earlier compute() otherwise
 
-    def _num_classes_seen(self) -> Tensor:
+    def _classes_seen(self) -> Tensor:
+        """Number of classes with samples, warning about classes never seen (call on synced states)."""
         seen = self.count > 0
         if self.num_classes is not None and 0 < int(seen.sum()) < self.num_classes:
             missing = (~seen).nonzero().flatten().tolist()
@@ -88,9 +96,26 @@ class _ClassConditionalMetric(Metric):
             )
         return seen.sum()
 
+    def diagnostics(self) -> dict[str, Tensor]:
+        """Counts about the accumulated samples (not metric values), synced across processes like ``compute``.
 
-class _GramMetric(_ClassConditionalMetric):
+        ``num_samples`` ``()``; ``num_classes_seen`` ``()``; for the Gram metrics also ``num_inactive_samples``
+        ``(d,)`` (samples whose column ``i`` was floored at ``eps``) and ``num_fallback`` ``()`` (samples whose
+        log-determinant came from the eigenvalue fallback, see
+        :func:`~lightning_mem.functional.statistics.gram_statistics`). Every process must call it under DDP.
+        """
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn):
+            counts = {"num_samples": self.count.sum(), "num_classes_seen": (self.count > 0).sum()}
+            for name, state in (("num_inactive_samples", "num_inactive"), ("num_fallback", "num_fallback")):
+                if hasattr(self, state):
+                    counts[name] = getattr(self, state).sum(0)
+            return {name: value.clone() for name, value in counts.items()}
+
+
+class _GramMetric(_SumMetric):
     """States: float64 sums of :class:`~lightning_mem.functional.statistics.GramStatistics`, one row per class."""
+
+    _pairwise_only = False
 
     def __init__(
         self,
@@ -98,60 +123,64 @@ class _GramMetric(_ClassConditionalMetric):
         *,
         std: Tensor | float | None = None,
         sigma: Tensor | None = None,
-        per_dim: bool = False,
         eps: float = DEFAULT_EPS,
         num_classes: int | None = None,
-        active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
         **kwargs: Any,
     ) -> None:
-        super().__init__(latent_dim, eps=eps, num_classes=num_classes, **kwargs)
-        _positive_float(active_threshold, "active_threshold")
-        if sigma is not None and torch.as_tensor(sigma).numel() != latent_dim:
-            shape = tuple(torch.as_tensor(sigma).shape)
-            raise ValueError(f"Expected `sigma` of shape ({latent_dim},) (one scale per latent), but got {shape}.")
-        self.std = std
-        self.sigma = sigma
-        self.per_dim = per_dim
-        self.active_threshold = active_threshold
+        super().__init__(latent_dim, std=std, sigma=sigma, eps=eps, num_classes=num_classes, **kwargs)
         d = latent_dim
-        self._add_sum_states({"count": (), "log_diag": (d,), "log_det": (), "pairwise": (d, d), "num_inactive": (d,), "num_fallback": ()})
+        shapes = {"count": (), "pairwise": (d, d)}
+        if not self._pairwise_only:
+            shapes.update({"log_diag": (d,), "log_det": (), "num_inactive": (d,), "num_fallback": ()})
+        self._add_sum_states(shapes)
 
     def update(self, jacobian: Tensor | None = None, labels: Tensor | None = None, *, gram: Tensor | None = None) -> None:
         """Add a batch of decoder Jacobians ``(N, *output_shape, d)`` (or, as ``gram=``, their Gram matrices ``(N, d, d)``).
 
         ``labels`` ``(N,)`` are required in class-conditional mode (``num_classes`` set) and refused otherwise.
         """
-        if jacobian is not None:  # finiteness is checked once, on the Gram diagonal, by `batch_statistics`
-            check_jacobian(jacobian, latent_dim=self.latent_dim, check_finite=False)
-        elif gram is not None and (gram.ndim != 3 or gram.shape[-1] != self.latent_dim):
-            raise ValueError(f"Expected `gram` of shape (N, {self.latent_dim}, {self.latent_dim}), but got {tuple(gram.shape)}.")
         statistics = batch_statistics(
-            jacobian, gram, std=self.std, sigma=self.sigma, eps=self.eps, labels=labels, num_classes=self.num_classes
+            jacobian,
+            gram,
+            std=self.std,
+            sigma=self.sigma,
+            eps=self.eps,
+            labels=labels,
+            num_classes=self.num_classes,
+            latent_dim=self.latent_dim,
+            pairwise_only=self._pairwise_only,
         )
         self._accumulate(statistics)
 
-    def update_gram(self, gram: Tensor, labels: Tensor | None = None) -> None:
-        """Add a batch of Gram matrices ``G = J^T J`` of shape ``(N, d, d)`` (same as ``update(gram=gram)``)."""
-        self.update(gram=gram, labels=labels)
 
-    @property
-    def statistics(self) -> GramStatistics:
-        """The accumulated sums (synced across processes inside ``compute``)."""
-        return GramStatistics(*(getattr(self, name) for name in GramStatistics._fields))
+class _EntropyMetric(_GramMetric):
+    """The entropy values shared by :class:`ManifoldEntropy` and :class:`ManifoldEntropicMetrics`."""
+
+    def __init__(self, latent_dim: int, *, active_threshold: float = DEFAULT_ACTIVE_THRESHOLD, **kwargs: Any) -> None:
+        super().__init__(latent_dim, **kwargs)
+        check_positive_float(active_threshold, "active_threshold")
+        self.active_threshold = active_threshold
 
     def _entropy_values(self) -> dict[str, Tensor]:
-        entropy_per_latent, total = finish_entropy(self.statistics, per_dim=self.per_dim)
-        spectrum, order = entropy_spectrum(entropy_per_latent)
+        self._classes_seen()
+        latent_entropy, entropy = finish_entropy(self.statistics)
+        spectrum, order = entropy_spectrum(latent_entropy)
         return {
-            "per_dim": entropy_per_latent,
-            "total": total,
+            "entropy": entropy,
+            "entropy_per_dim": entropy / self.latent_dim,
+            "latent_entropy": latent_entropy,
             "spectrum": spectrum,
-            "order": order,
-            "num_active": num_active_latents(entropy_per_latent, self.active_threshold),
+            "spectrum_order": order,
+            "num_active": num_active_latents(latent_entropy, self.active_threshold),
         }
 
+    def plot(self, val: dict[str, Tensor] | None = None, ax: Any = None, log_x: bool = False) -> tuple[Any, Any]:
+        """Entropy spectrum (nats/dim against sorted latent index); returns ``(figure, axes)``."""
+        val = self.compute() if val is None else val
+        return plot_entropy_spectrum(val["spectrum"], ax=ax, log_x=log_x)
 
-class ManifoldEntropy(_GramMetric):
+
+class ManifoldEntropy(_EntropyMetric):
     r"""Per-latent manifold entropies, the total manifold entropy and the entropy spectrum, accumulated over batches.
 
     .. math::
@@ -164,16 +193,15 @@ class ManifoldEntropy(_GramMetric):
         latent_dim: number of latents ``d``.
         std: data scale (scalar or per output entry), see :func:`lightning_mem.functional.manifold_entropy`.
         sigma: latent scale ``(d,)``.
-        per_dim: divide the total by ``d`` (nats/dim).
         eps: floor on :math:`G_{ii}`; columns at or below it count as inactive samples.
         num_classes: class-conditional mode: ``update(jacobian, labels)`` accumulates per class, ``compute`` averages
             the classes seen (and warns about classes never seen).
         active_threshold: a latent is active when :math:`\exp(H_i - h_0)` exceeds it.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
-    ``compute()`` returns a dict: ``per_dim`` ``(d,)`` (the :math:`H_i`), ``total`` ``()``, ``spectrum`` ``(d,)``
-    (descending), ``order`` ``(d,)`` long, ``num_active`` ``()``, ``num_inactive_samples`` ``(d,)`` (samples whose
-    column was floored), ``num_classes_seen`` ``()``.
+    ``compute()`` returns a dict (keys of the README's vocabulary table): ``entropy`` ``()`` (:math:`H`),
+    ``entropy_per_dim`` ``()`` (:math:`H/d`), ``latent_entropy`` ``(d,)`` (the :math:`H_i`), ``spectrum`` ``(d,)``
+    (descending), ``spectrum_order`` ``(d,)`` long, ``num_active`` ``()``. Counts are in :meth:`diagnostics`.
 
     Raises:
         ValueError: for invalid arguments; in ``update`` for a Jacobian of another latent size; in ``compute`` before
@@ -183,7 +211,7 @@ class ManifoldEntropy(_GramMetric):
         >>> metric = ManifoldEntropy(latent_dim=2)
         >>> metric.update(torch.tensor([[[1.0, 0.0], [0.0, 0.5]]]))
         >>> result = metric.compute()
-        >>> result["order"], result["num_active"]
+        >>> result["spectrum_order"], result["num_active"]
         (tensor([0, 1]), tensor(2))
 
     References:
@@ -194,15 +222,7 @@ class ManifoldEntropy(_GramMetric):
 
     def compute(self) -> dict[str, Tensor]:
         """Finish the accumulated sums."""
-        values = self._entropy_values()
-        values["num_inactive_samples"] = self.num_inactive.sum(0)
-        values["num_classes_seen"] = self._num_classes_seen()
-        return values
-
-    def plot(self, val: dict[str, Tensor] | None = None, ax: Any = None, log_x: bool = False) -> tuple[Any, Any]:
-        """Entropy spectrum (nats/dim against sorted latent index); returns ``(figure, axes)``."""
-        val = self.compute() if val is None else val
-        return plot_entropy_spectrum(val["spectrum"], ax=ax, log_x=log_x)
+        return self._entropy_values()
 
 
 class ManifoldTotalCorrelation(_GramMetric):
@@ -210,7 +230,8 @@ class ManifoldTotalCorrelation(_GramMetric):
 
     .. math:: \mathrm{MTC} = \tfrac12 \mathbb{E}_z\Big[\sum_i \log G_{ii} - \log\det G\Big] \ge 0.
 
-    Arguments as in :class:`ManifoldEntropy`; ``compute()`` returns a scalar float64 tensor.
+    Arguments as in :class:`ManifoldEntropy`, and ``per_dim`` (divide by ``d``, nats/dim); ``compute()`` returns a
+    scalar float64 tensor, so ``self.log("mtc", metric)`` works in a LightningModule.
 
     Example:
         >>> metric = ManifoldTotalCorrelation(latent_dim=2)
@@ -225,9 +246,13 @@ class ManifoldTotalCorrelation(_GramMetric):
     higher_is_better = False
     plot_lower_bound = 0.0
 
+    def __init__(self, latent_dim: int, *, per_dim: bool = False, **kwargs: Any) -> None:
+        super().__init__(latent_dim, **kwargs)
+        self.per_dim = per_dim
+
     def compute(self) -> Tensor:
         """Finish the accumulated sums."""
-        self._num_classes_seen()
+        self._classes_seen()
         return finish_total_correlation(self.statistics, per_dim=self.per_dim)
 
     def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
@@ -241,7 +266,7 @@ class ManifoldPairwiseMutualInformation(_GramMetric):
     .. math:: \mathrm{MPMI}_{ij} = -\tfrac12 \mathbb{E}_z[\log(1 - \rho_{ij}^2)], \quad \rho_{ij} = G_{ij}/\sqrt{G_{ii}G_{jj}}.
 
     Arguments as in :class:`ManifoldEntropy`; ``compute()`` returns the symmetric ``(d, d)`` float64 matrix with zero
-    diagonal.
+    diagonal. Only the pairwise sums are kept (no log-determinants are computed).
 
     Example:
         >>> metric = ManifoldPairwiseMutualInformation(latent_dim=2)
@@ -255,24 +280,26 @@ class ManifoldPairwiseMutualInformation(_GramMetric):
     """
 
     higher_is_better = False
+    _pairwise_only = True
+    _statistics = CrossStatistics
 
     def compute(self) -> Tensor:
         """Finish the accumulated sums."""
-        self._num_classes_seen()
-        return finish_pairwise_mutual_information(self.statistics)
+        self._classes_seen()
+        return finish_mutual_information(self.statistics)
 
     def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
         """Heatmap of the MPMI matrix with a colour bar; returns ``(figure, axes)``."""
         return plot_mutual_information(self.compute() if val is None else val, ax=ax)
 
 
-class ManifoldEntropicMetrics(_GramMetric):
+class ManifoldEntropicMetrics(_EntropyMetric):
     r"""Every single-decoder manifold entropic metric from one pass over one Jacobian, as a flat dict.
 
     This is what :class:`~lightning_mem.ManifoldEntropicMetricsCallback` logs. Arguments as in
-    :class:`ManifoldEntropy` (``per_dim`` is ignored: both the totals and their per-dim versions are returned).
+    :class:`ManifoldEntropy`.
 
-    ``compute()`` keys (stable):
+    ``compute()`` keys (the README's vocabulary table):
 
     - ``entropy`` ``()``: total manifold entropy :math:`H` (nats); ``entropy_per_dim`` ``()``: :math:`H/d`.
     - ``latent_entropy`` ``(d,)``: :math:`H_i`; ``spectrum`` ``(d,)``: sorted descending; ``spectrum_order``
@@ -280,8 +307,8 @@ class ManifoldEntropicMetrics(_GramMetric):
     - ``total_correlation`` ``()`` and ``total_correlation_per_dim`` ``()``.
     - ``pairwise_mutual_information`` ``(d, d)``; ``pairwise_mutual_information_max`` ``()`` and
       ``pairwise_mutual_information_mean`` ``()`` over the off-diagonal pairs (0 when ``d == 1``).
-    - ``num_fallback`` ``()``: samples whose log-determinant came from the eigenvalue fallback (Cholesky failed or
-      was numerically singular); ``num_classes_seen`` ``()``.
+
+    Counts (samples, classes seen, floored columns, eigenvalue fallbacks) are in :meth:`diagnostics`.
 
     Example:
         >>> metric = ManifoldEntropicMetrics(latent_dim=2)
@@ -299,35 +326,24 @@ class ManifoldEntropicMetrics(_GramMetric):
     def compute(self) -> dict[str, Tensor]:
         """Finish the accumulated sums."""
         d = self.latent_dim
-        statistics = self.statistics
-        entropy = self._entropy_values()
-        total_correlation = finish_total_correlation(statistics)
-        pairwise = finish_pairwise_mutual_information(statistics)
+        values = self._entropy_values()
+        total_correlation = finish_total_correlation(self.statistics)
+        pairwise = finish_mutual_information(self.statistics)
         off_diagonal = pairwise[~torch.eye(d, dtype=torch.bool, device=pairwise.device)]
         zero = pairwise.new_zeros(())
-        return {
-            "entropy": entropy["total"] if not self.per_dim else entropy["total"] * d,
-            "entropy_per_dim": entropy["total"] / d if not self.per_dim else entropy["total"],
-            "latent_entropy": entropy["per_dim"],
-            "spectrum": entropy["spectrum"],
-            "spectrum_order": entropy["order"],
-            "num_active": entropy["num_active"],
-            "total_correlation": total_correlation,
-            "total_correlation_per_dim": total_correlation / d,
-            "pairwise_mutual_information": pairwise,
-            "pairwise_mutual_information_max": off_diagonal.max() if d > 1 else zero,
-            "pairwise_mutual_information_mean": off_diagonal.mean() if d > 1 else zero,
-            "num_fallback": self.num_fallback.sum(),
-            "num_classes_seen": self._num_classes_seen(),
-        }
-
-    def plot(self, val: dict[str, Tensor] | None = None, ax: Any = None, log_x: bool = False) -> tuple[Any, Any]:
-        """Entropy spectrum (nats/dim against sorted latent index); returns ``(figure, axes)``."""
-        val = self.compute() if val is None else val
-        return plot_entropy_spectrum(val["spectrum"], ax=ax, log_x=log_x)
+        values.update(
+            {
+                "total_correlation": total_correlation,
+                "total_correlation_per_dim": total_correlation / d,
+                "pairwise_mutual_information": pairwise,
+                "pairwise_mutual_information_max": off_diagonal.max() if d > 1 else zero,
+                "pairwise_mutual_information_mean": off_diagonal.mean() if d > 1 else zero,
+            }
+        )
+        return values
 
 
-class ManifoldCrossMutualInformation(_ClassConditionalMetric):
+class ManifoldCrossMutualInformation(_SumMetric):
     r"""Manifold cross-pairwise mutual information between a model decoder and a reference decoder, and alignment.
 
     .. math::
@@ -337,9 +353,7 @@ class ManifoldCrossMutualInformation(_ClassConditionalMetric):
 
     with :math:`a_i` column ``i`` of the model's Jacobian and :math:`b_j` column ``j`` of the reference's, both at the
     same data point. :math:`r_{ij}` is Linfoot's informational correlation (for a single sample it is
-    :math:`|\rho_{ij}|`, the absolute cosine). Per model latent ``i``, ``best_match[i]`` is
-    :math:`\arg\max_j r_{ij}` and ``best_match_score[i]`` its :math:`r`; ``alignment`` is their mean (1 when every model
-    latent moves the data exactly like some reference latent).
+    :math:`|\rho_{ij}|`, the absolute cosine).
 
     Args:
         latent_dim: model latents ``d``.
@@ -347,16 +361,17 @@ class ManifoldCrossMutualInformation(_ClassConditionalMetric):
         std: data scale shared by both decoders; sigma, reference_sigma: latent scales.
         eps, num_classes, kwargs: as in :class:`ManifoldEntropy`.
 
-    ``compute()`` returns a dict: ``cross_mutual_information`` ``(d, d_ref)``, ``informational_correlation``
-    ``(d, d_ref)``, ``best_match`` ``(d,)`` long, ``best_match_score`` ``(d,)``, ``alignment`` ``()``,
-    ``num_classes_seen`` ``()``.
+    ``compute()`` returns ``cross_mutual_information`` ``(d, d_ref)`` and the keys of
+    :func:`~lightning_mem.functional.alignment_summary`: ``informational_correlation`` ``(d, d_ref)``,
+    ``best_match`` ``(d,)`` long, ``best_match_score`` ``(d,)``, ``alignment`` ``()``, ``num_matched`` ``()``, and
+    for ``d == d_ref`` ``self_correlation``, ``cross_mutual_information_diag``, ``num_rematched``.
 
     Example:
         >>> metric = ManifoldCrossMutualInformation(latent_dim=2, reference_dim=2)
         >>> metric.update(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[0.0, 2.0], [1.0, 0.0]]]))
         >>> result = metric.compute()
-        >>> result["best_match"], round(float(result["alignment"]), 6)
-        (tensor([1, 0]), 1.0)
+        >>> result["best_match"], round(float(result["alignment"]), 6), int(result["num_rematched"])
+        (tensor([1, 0]), 1.0, 2)
 
     References:
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
@@ -364,6 +379,7 @@ class ManifoldCrossMutualInformation(_ClassConditionalMetric):
     """
 
     higher_is_better = None
+    _statistics = CrossStatistics
 
     def __init__(
         self,
@@ -377,18 +393,16 @@ class ManifoldCrossMutualInformation(_ClassConditionalMetric):
         num_classes: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(latent_dim, eps=eps, num_classes=num_classes, **kwargs)
-        _positive_int(reference_dim, "reference_dim")
+        super().__init__(latent_dim, std=std, sigma=sigma, eps=eps, num_classes=num_classes, **kwargs)
+        check_positive_int(reference_dim, "reference_dim")
+        if reference_sigma is not None:
+            reference_sigma = check_scale(reference_sigma, "reference_sigma", reference_dim).reshape(reference_dim)
         self.reference_dim = reference_dim
-        self.std = std
-        self.sigma = sigma
         self.reference_sigma = reference_sigma
         self._add_sum_states({"count": (), "pairwise": (latent_dim, reference_dim)})
 
     def update(self, jacobian: Tensor, reference_jacobian: Tensor, labels: Tensor | None = None) -> None:
         """Add Jacobians of the model ``(N, *output_shape, d)`` and of the reference ``(N, *output_shape, d_ref)``."""
-        check_jacobian(jacobian, "jacobian", self.latent_dim)
-        check_jacobian(reference_jacobian, "reference_jacobian", self.reference_dim)
         statistics = cross_statistics(
             jacobian,
             reference_jacobian,
@@ -398,22 +412,16 @@ class ManifoldCrossMutualInformation(_ClassConditionalMetric):
             eps=self.eps,
             labels=labels,
             num_classes=self.num_classes,
+            latent_dim=self.latent_dim,
+            reference_dim=self.reference_dim,
         )
         self._accumulate(statistics)
 
     def compute(self) -> dict[str, Tensor]:
         """Finish the accumulated sums."""
-        cross = finish_cross_mutual_information(CrossStatistics(self.count, self.pairwise))
-        correlation = torch.sqrt(-torch.expm1(-2.0 * cross))
-        score, match = correlation.max(dim=1)
-        return {
-            "cross_mutual_information": cross,
-            "informational_correlation": correlation,
-            "best_match": match,
-            "best_match_score": score,
-            "alignment": score.mean(),
-            "num_classes_seen": self._num_classes_seen(),
-        }
+        self._classes_seen()
+        cross = finish_mutual_information(self.statistics)
+        return {"cross_mutual_information": cross, **alignment_summary(cross)}
 
     def plot(self, val: dict[str, Tensor] | None = None, ax: Any = None) -> tuple[Any, Any]:
         """Heatmap of the MCPMI matrix (model latents by reference latents); returns ``(figure, axes)``."""

@@ -15,12 +15,22 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from lightning_mem.datasets import load_digits, make_two_moons, tensor_dataloader
-from lightning_mem.evaluate import save_mutual_information_figure, save_spectrum_figure
+from lightning_mem._checks import check_positive_int
+from lightning_mem.demo.datasets import load_digits, make_two_moons, tensor_dataloader
+from lightning_mem.demo.models import BetaVAE, CouplingFlow
 from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD, STANDARD_NORMAL_ENTROPY
-from lightning_mem.models import BetaVAE, CouplingFlow
+from lightning_mem.plotting import save_mutual_information_figure, save_spectrum_figure
 
-__all__ = ["DEFAULT_STEPS", "DIGITS_ACTIVE_THRESHOLD", "MODELS", "build_demo", "fit", "intra_op_threads", "run_demo"]
+__all__ = [
+    "DEFAULT_STEPS",
+    "DEMO_NUM_EVALUATIONS",
+    "DIGITS_ACTIVE_THRESHOLD",
+    "MODELS",
+    "build_demo",
+    "fit",
+    "intra_op_threads",
+    "run_demo",
+]
 
 DemoModel = Literal["vae", "flow"]
 MODELS: tuple[str, ...] = ("vae", "flow")
@@ -180,9 +190,8 @@ def run_demo(
     if model not in MODELS:
         raise ValueError(f"Expected `model` to be one of {MODELS}, but got {model!r}.")
     steps = DEFAULT_STEPS[model] if steps is None else steps
-    for name, value in (("steps", steps), ("num_samples", num_samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
+    check_positive_int(steps, "steps")
+    check_positive_int(num_samples, "num_samples")
     seed_everything(seed, verbose=False)
     module, loader = build_demo(model, seed=seed)
     threshold = DIGITS_ACTIVE_THRESHOLD if model == "vae" else DEFAULT_ACTIVE_THRESHOLD

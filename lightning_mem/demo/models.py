@@ -13,20 +13,12 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from lightning_mem._checks import check_non_negative_float, check_positive_float, check_positive_int
+from lightning_mem.decoders import InvertibleDecoder, as_decoder
 from lightning_mem.functional import manifold_total_correlation
-from lightning_mem.jacobian import InvertibleDecoder, as_decoder, decoder_jacobian
+from lightning_mem.jacobian import decoder_jacobian
 
 __all__ = ["BetaVAE", "CouplingFlow"]
-
-
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
-
-
-def _check_non_negative(value: float, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"Expected `{name}` to be a non-negative float, but got {value!r}.")
 
 
 def _mlp(sizes: list[int], activation: type[nn.Module] = nn.SiLU) -> list[nn.Module]:
@@ -82,10 +74,9 @@ class BetaVAE(LightningModule):
     ) -> None:
         super().__init__()
         for name, value in (("data_dim", data_dim), ("latent_dim", latent_dim), ("hidden_dim", hidden_dim)):
-            _check_positive_int(value, name)
-        _check_non_negative(beta, "beta")
-        if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
-            raise ValueError(f"Expected `learning_rate` to be a positive float, but got {learning_rate!r}.")
+            check_positive_int(value, name)
+        check_non_negative_float(beta, "beta")
+        check_positive_float(learning_rate, "learning_rate")
         self.save_hyperparameters()
         self.latent_dim = latent_dim
         self.beta = float(beta)
@@ -200,9 +191,9 @@ class CouplingFlow(LightningModule):
         import FrEIA.modules as Fm
 
         for name, value in (("dim", dim), ("num_blocks", num_blocks), ("hidden_dim", hidden_dim), ("penalty_samples", penalty_samples)):
-            _check_positive_int(value, name)
-        _check_non_negative(total_correlation_weight, "total_correlation_weight")
-        _check_non_negative(reconstruction_weight, "reconstruction_weight")
+            check_positive_int(value, name)
+        check_non_negative_float(total_correlation_weight, "total_correlation_weight")
+        check_non_negative_float(reconstruction_weight, "reconstruction_weight")
         if block not in ("allinone", "glow"):
             raise ValueError(f"Expected `block` to be 'allinone' or 'glow', but got {block!r}.")
         if dim < 2:

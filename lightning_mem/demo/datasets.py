@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_mem._checks import check_non_negative_float, check_positive_int, check_scale
 from lightning_mem.functional import STANDARD_NORMAL_ENTROPY
 
 __all__ = ["DIGITS_SHAPE", "TorusGenerator", "load_digits", "make_two_moons", "tensor_dataloader"]
@@ -91,10 +92,8 @@ def make_two_moons(
     References:
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025 (Sec. 5).
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"Expected `num_samples` to be a positive int, but got {num_samples!r}.")
-    if not (isinstance(noise, (int, float)) and noise >= 0):
-        raise ValueError(f"Expected `noise` to be a non-negative float, but got {noise!r}.")
+    check_positive_int(num_samples, "num_samples")
+    check_non_negative_float(noise, "noise")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     num_upper = num_samples // 2
@@ -197,8 +196,7 @@ class TorusGenerator(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(num_circles, bool) or not isinstance(num_circles, int) or num_circles < 1:
-            raise ValueError(f"Expected `num_circles` to be a positive int, but got {num_circles!r}.")
+        check_positive_int(num_circles, "num_circles")
         default_angle, default_radius = _default_scales(num_circles)
         angle = _check_scales(default_angle if angle_scales is None else angle_scales, "angle_scales", num_circles)
         radius = _check_scales(default_radius if radius_scales is None else radius_scales, "radius_scales", num_circles)
@@ -232,8 +230,7 @@ class TorusGenerator(nn.Module):
 
     def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``(z, x)``: standard-normal latents ``(N, 2k)`` and their points ``(N, 2k)``, float64."""
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"Expected `num_samples` to be a positive int, but got {num_samples!r}.")
+        check_positive_int(num_samples, "num_samples")
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         z = torch.randn(num_samples, self.latent_dim, generator=generator, dtype=torch.float64)
@@ -274,9 +271,4 @@ def _expected_log_radius(radius_scales: Tensor) -> Tensor:
 
 
 def _check_scales(scales: Tensor, name: str, num_circles: int) -> Tensor:
-    scales = torch.as_tensor(scales, dtype=torch.float64).reshape(-1)
-    if scales.numel() != num_circles:
-        raise ValueError(f"Expected `{name}` of shape ({num_circles},), but got {tuple(scales.shape)}.")
-    if not (torch.isfinite(scales).all() and (scales > 0).all()):
-        raise ValueError(f"Expected `{name}` to be positive and finite, but got {scales.tolist()}.")
-    return scales
+    return check_scale(scales, name, num_circles).reshape(-1)

@@ -1,0 +1,184 @@
+"""What the callback evaluates: a module's decoder at fixed latents, with its drift and reference, evaluation after evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_mem._checks import check_labels
+from lightning_mem.decoders import buffer_names, decoder_with_state, resolve_decoder, state_snapshot
+from lightning_mem.evaluation import Comparison, evaluate_decoder, prior_latents
+from lightning_mem.metrics import ManifoldCrossMutualInformation, ManifoldEntropicMetrics
+
+__all__ = ["DecoderTracker"]
+
+MAX_KEPT_JACOBIAN_BYTES = 64 * 2**20
+"""With ``drift`` and fixed latents, an evaluation keeps its Jacobians (per process) for the next one's drift when they
+take at most this much memory; otherwise the next evaluation recomputes them from the parameter snapshot."""
+
+
+class DecoderTracker:
+    """Evaluates a LightningModule's decoder into metrics, and keeps what the next evaluation's drift needs.
+
+    Each :meth:`evaluate` (on every DDP rank) resolves the decoder, evaluates this rank's share of the latents with
+    :func:`lightning_mem.evaluation.evaluate_decoder`, syncs and finishes the metrics. The drift state (a snapshot of
+    the decoder's weights, and its Jacobians when they fit :data:`MAX_KEPT_JACOBIAN_BYTES`) moves on only when the
+    evaluation succeeded. Arguments are those of :class:`~lightning_mem.ManifoldEntropicMetricsCallback`.
+    """
+
+    def __init__(
+        self,
+        *,
+        decoder: str | Callable[..., Any] | None,
+        latent_dim: int | None,
+        num_samples: int,
+        latents: Tensor | Callable[[Trainer, LightningModule], Any] | None,
+        conditions: Tensor | Callable[[Tensor], Tensor] | None,
+        num_classes: int | None,
+        reference_decoder: Callable[..., Any] | None,
+        reference_latents: Tensor | Callable[[Trainer, LightningModule], Tensor] | None,
+        drift: bool,
+        chunk_size: int | None,
+        mode: str,
+        std: Tensor | float | None,
+        sigma: Tensor | None,
+        eps: float,
+        active_threshold: float,
+        seed: int,
+    ) -> None:
+        self.decoder, self.latent_dim, self.num_samples, self.latents = decoder, latent_dim, num_samples, latents
+        self.conditions, self.num_classes = conditions, num_classes
+        self.reference_decoder, self.reference_latents, self.drift = reference_decoder, reference_latents, drift
+        self.chunk_size, self.mode, self.std, self.sigma, self.eps, self.seed = chunk_size, mode, std, sigma, eps, seed
+        self.active_threshold = active_threshold
+        self.previous: dict[str, Tensor] | None = None  # the decoder's state at the last evaluation (for drift)
+        self.previous_jacobians: list[Tensor] | None = None  # its Jacobians at the latents, when kept
+        self._pending: tuple[dict[str, Tensor] | None, list[Tensor] | None] = (None, None)
+        self._drawn_latents: Tensor | None = None
+        self.metric: ManifoldEntropicMetrics | None = None
+        self._reference_metric: ManifoldCrossMutualInformation | None = None
+
+    def setup(self, latent_dim: int) -> None:
+        """Fix the latent size (known once the module is) and make the metrics."""
+        self.latent_dim = latent_dim
+        options = {"std": self.std, "sigma": self.sigma, "eps": self.eps, "num_classes": self.num_classes}
+        self.metric = ManifoldEntropicMetrics(latent_dim, active_threshold=self.active_threshold, **options)
+        self._drift_metric = ManifoldCrossMutualInformation(latent_dim, latent_dim, reference_sigma=self.sigma, **options)
+        self._reference_metric = None
+
+    def reseed(self, seed: int) -> None:
+        """Draw the latents with another seed from the next evaluation on (a restored run's)."""
+        if seed != self.seed:
+            self.seed, self._drawn_latents = seed, None
+
+    def accumulate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """This rank's share of the evaluation into the (reset) metrics. Call it in
+        :func:`~lightning_mem.evaluation.evaluation_mode`, on every rank, then :meth:`compute` on every rank."""
+        self._pending = self._accumulate(trainer, pl_module)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Every rank: sync and finish the metrics (on the CPU); only then does the drift state move on."""
+        values = self._compute()
+        self.previous, self.previous_jacobians = self._pending
+        return values
+
+    def _inputs(self, trainer: Trainer, pl_module: LightningModule) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """The full ``(latents, conditions, labels, reference_latents)`` of this evaluation, on the module's device."""
+        device = pl_module.device
+        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        conditions = self.conditions if isinstance(self.conditions, Tensor) else None
+        z = self.latents(trainer, pl_module) if callable(self.latents) else self.latents
+        if isinstance(z, (tuple, list)):
+            z, conditions = z
+        if z is None:
+            if self._drawn_latents is None:
+                self._drawn_latents = prior_latents(self.num_samples, self.latent_dim, self.seed, sigma=self.sigma)
+            z = self._drawn_latents
+        if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"Expected latents of shape (N, {self.latent_dim}), but got {getattr(z, 'shape', type(z).__name__)}.")
+        n, labels = z.shape[0], None
+        if self.num_classes is not None:
+            labels = conditions if isinstance(conditions, Tensor) else torch.arange(n) % self.num_classes
+            check_labels(labels, self.num_classes, "conditions")
+            labels = labels.to(device)
+            conditions = self.conditions(labels) if callable(self.conditions) else labels
+        if conditions is not None and conditions.shape[0] != n:
+            raise ValueError(f"Expected conditions with N == {n} rows (one per latent), but got {tuple(conditions.shape)}.")
+        reference = None
+        if self.reference_decoder is not None:
+            reference = self.reference_latents(trainer, pl_module) if callable(self.reference_latents) else self.reference_latents
+            reference = z if reference is None else reference
+            if not isinstance(reference, Tensor) or reference.ndim != 2 or reference.shape[0] != n:
+                raise ValueError(
+                    f"Expected `reference_latents` of shape ({n}, d_ref) (one per latent), "
+                    f"but got {getattr(reference, 'shape', reference)}."
+                )
+            parameters = self.reference_decoder.parameters() if isinstance(self.reference_decoder, nn.Module) else ()
+            reference = reference.to(device=device, dtype=next((p.dtype for p in parameters if p.is_floating_point()), reference.dtype))
+        return z.to(device=device, dtype=dtype), None if conditions is None else conditions.to(device), labels, reference
+
+    def _accumulate(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, Tensor] | None, list[Tensor] | None]:
+        """Fill the metrics; return the decoder's state and Jacobians for the next evaluation's drift."""
+        resolved = resolve_decoder(pl_module, self.decoder)
+        decoder, device = resolved.function, pl_module.device
+        current = state_snapshot(resolved.owner)
+        if trainer.world_size > 1 and (names := buffer_names(resolved.owner)):
+            # Parameters agree across DDP ranks, buffers need not (BatchNorm statistics of each rank's batches):
+            # every rank evaluates rank zero's, as the next forward pass (and the saved checkpoint) would.
+            buffers = trainer.strategy.broadcast({name: current[name] for name in names}, src=0)
+            current.update(buffers)
+            decoder = decoder_with_state(resolved, {name: buffer.to(device) for name, buffer in buffers.items()})
+        z, conditions, labels, reference_z = self._inputs(trainer, pl_module)
+        shard = slice(trainer.global_rank, None, trainer.world_size)
+        z, reference_z = z[shard], None if reference_z is None else reference_z[shard]
+        conditions, labels = (None if t is None else t[shard] for t in (conditions, labels))
+
+        comparisons = []
+        if self.drift and self.previous is not None and self.previous.keys() != current.keys():
+            rank_zero_warn(
+                "ManifoldEntropicMetricsCallback: the decoder's parameters changed names since the previous evaluation; drift restarts."
+            )
+            self.previous = self.previous_jacobians = None
+        if self.drift and self.previous is not None:
+            kept = self.previous_jacobians if self.previous_jacobians and self.previous_jacobians[0].device == z.device else None
+            state = {name: tensor.to(device) for name, tensor in self.previous.items()}
+            previous = None if kept is not None else decoder_with_state(resolved, state)
+            comparisons.append(Comparison(self._drift_metric, decoder=previous, jacobians=kept))
+        if reference_z is not None:
+            if self._reference_metric is None or self._reference_metric.reference_dim != reference_z.shape[1]:
+                self._reference_metric = ManifoldCrossMutualInformation(
+                    self.latent_dim, reference_z.shape[1], std=self.std, sigma=self.sigma, eps=self.eps, num_classes=self.num_classes
+                )
+            comparisons.append(Comparison(self._reference_metric, decoder=self.reference_decoder, latents=reference_z))
+        for metric in [self.metric] + [comparison.metric for comparison in comparisons]:
+            metric.to(device).reset()
+        fixed_inputs = not callable(self.latents) and not callable(self.conditions)
+        kept = evaluate_decoder(
+            decoder,
+            z,
+            self.metric,
+            condition=conditions,
+            labels=labels,
+            comparisons=comparisons,
+            mode=self.mode,
+            chunk_size=self.chunk_size,
+            check_output=True,
+            keep_bytes=MAX_KEPT_JACOBIAN_BYTES if self.drift and fixed_inputs else 0,
+        )
+        return (current, kept) if self.drift else (None, None)
+
+    def _compute(self) -> dict[str, Tensor]:
+        """Every rank: sync and finish the metrics (rank-zero-only compute would deadlock the sync)."""
+        values = {**self.metric.compute(), **self.metric.diagnostics()}
+        if self.drift and self.previous is not None:
+            values.update({f"drift/{name}": value for name, value in self._drift_metric.compute().items()})
+        if self.reference_decoder is not None and self._reference_metric is not None:
+            values.update({f"reference/{name}": value for name, value in self._reference_metric.compute().items()})
+        if self.num_classes is None:
+            values.pop("num_classes_seen")
+        return {name: value.detach().cpu() for name, value in values.items()}
