@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from lightning_mem._checks import check_callback_inputs
 from lightning_mem.decoders import resolve_decoder, resolve_latent_dim
 from lightning_mem.evaluation import evaluation_mode
 from lightning_mem.functional.statistics import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS
+from lightning_mem.loggers import figure_loggers
 from lightning_mem.plotting import EvaluationFigures
 from lightning_mem.tracking import DecoderTracker
 
@@ -61,8 +62,9 @@ class ManifoldEntropicMetricsCallback(Callback):
     decoder Jacobian :math:`J(z) = \partial g/\partial z` at ``num_samples`` fixed prior latents, chunk by chunk,
     feeds a :class:`~lightning_mem.ManifoldEntropicMetrics` and logs ``prefix + key`` for each key of
     :data:`LOGGED_SCALARS` present (the README's vocabulary table says what each means), ``spectrum/top_1`` ... ``top_k``
-    and ``failed``; figures ``spectrum_history``, ``pairwise_mutual_information`` and
-    ``reference/cross_mutual_information`` go to TensorBoard. **Drift** compares the decoder with itself at the previous
+    and ``failed``, into the loggers and into ``trainer.callback_metrics`` on every rank (so ``ModelCheckpoint`` and
+    ``EarlyStopping`` can monitor them); figures ``spectrum_history``, ``pairwise_mutual_information`` and
+    ``reference/cross_mutual_information`` go to TensorBoard, Weights & Biases, MLflow and CSV loggers. **Drift** compares the decoder with itself at the previous
     evaluation through the cross mutual information; a ``reference_decoder`` (e.g. a ground truth) gives alignment.
 
     Training is not changed (eval mode, ``no_grad``, RNG states restored: bit-identical weights); under DDP each rank
@@ -86,6 +88,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         reference_latents: its latents ``(N, d_ref)`` (tensor or callable) for the same points; default ``latents``.
         drift: log the drift since the previous evaluation.
         prefix: prepended to every key.
+        progress_bar_keys: names from :data:`LOGGED_SCALARS` (or ``"failed"``) also shown in the progress bar.
         top_k: how many of the largest per-latent entropies to log.
         chunk_size: latents differentiated at once (bounds memory).
         mode: Jacobian mode, see :func:`lightning_mem.decoder_jacobian`.
@@ -147,6 +150,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         reference_latents: Tensor | Callable[[Trainer, LightningModule], Tensor] | None = None,
         drift: bool = True,
         prefix: str = "mem/",
+        progress_bar_keys: Sequence[str] = (),
         top_k: int = 3,
         chunk_size: int | None = 64,
         mode: str = "auto",
@@ -200,6 +204,10 @@ class ManifoldEntropicMetricsCallback(Callback):
             figures_every_n_evaluations,
         )
         self.seed, self.strict = seed, strict
+        unknown = sorted(set(progress_bar_keys) - {*LOGGED_SCALARS, "failed"})
+        if isinstance(progress_bar_keys, str) or unknown:
+            raise ValueError(f"Expected `progress_bar_keys` to be names from {LOGGED_SCALARS}, but got {progress_bar_keys!r}.")
+        self.progress_bar_keys = tuple(progress_bar_keys)
         self._tracker = DecoderTracker(
             decoder=decoder,
             latent_dim=latent_dim,
@@ -254,7 +262,10 @@ class ManifoldEntropicMetricsCallback(Callback):
                 f"ManifoldEntropicMetricsCallback needs at least one latent per process, but has {num_latents} latents for "
                 f"{trainer.world_size} processes: raise `num_samples`."
             )
+        # every fit starts a fresh run (a resumed one gets its state back from `load_state_dict`, which comes later)
         self._tracker.setup(self.latent_dim)
+        self._tracker.previous = self._tracker.previous_jacobians = None
+        self.history, self.last_metrics, self.num_failed, self._last_step = [], {}, 0, None
         self._ready = True
         self._figure_loggers, self._undrawn, self._figures, self.total_time = [], None, EvaluationFigures(), 0.0
         if not trainer.is_global_zero:
@@ -262,21 +273,24 @@ class ManifoldEntropicMetricsCallback(Callback):
         if not trainer.loggers:
             rank_zero_warn(
                 "ManifoldEntropicMetricsCallback: the Trainer has no logger, so nothing is logged; the values are in "
-                "`callback.last_metrics` and `callback.history`. Pass `logger=TensorBoardLogger(...)` to see the curves."
+                "`callback.last_metrics`, `callback.history` and `trainer.callback_metrics`. Pass `logger=TensorBoardLogger(...)` "
+                "to see the curves."
             )
         if self.log_figures:
-            self._figure_loggers = [lg for lg in trainer.loggers if callable(getattr(getattr(lg, "experiment", None), "add_figure", None))]
-            others = [type(lg).__name__ for lg in trainer.loggers if lg not in self._figure_loggers]
+            self._figure_loggers, others = figure_loggers(trainer.loggers)
             if others:
                 rank_zero_warn(
-                    f"ManifoldEntropicMetricsCallback logs figures only to TensorBoard-like loggers (with `experiment.add_figure`); "
+                    f"ManifoldEntropicMetricsCallback logs figures only to TensorBoard, Weights & Biases, MLflow and CSV loggers; "
                     f"scalars only for {', '.join(others)}. Pass `log_figures=False` to silence this warning."
                 )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._plan(trainer)
+        step = trainer.global_step
         if self.evaluate_at_start and not self.history and self._last_step is None:
             self._evaluate(trainer, pl_module)
+        elif self._last_step is not None and step != self._last_step and self._due(step):
+            self._evaluate(trainer, pl_module)  # resumed from a checkpoint saved while this step's evaluation was interrupted
 
     def _plan(self, trainer: Trainer) -> None:
         """Fix this run's schedule: the explicit ``every_n_*`` intervals, or ``num_evaluations`` steps spread over the run."""
@@ -307,9 +321,11 @@ class ManifoldEntropicMetricsCallback(Callback):
                 "training is still evaluated). Pass `every_n_epochs` or `every_n_train_steps` for a fixed interval."
             )
 
+    def _due(self, step: int) -> bool:
+        return step in self._scheduled_steps or (self.every_n_train_steps is not None and step > 0 and step % self.every_n_train_steps == 0)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step in self._scheduled_steps or (self.every_n_train_steps is not None and step > 0 and step % self.every_n_train_steps == 0):
+        if self._due(trainer.global_step):
             self._evaluate(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -327,10 +343,14 @@ class ManifoldEntropicMetricsCallback(Callback):
     # ---------------------------------------------------------------- evaluation
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """One evaluation at ``trainer.global_step`` on every rank (once per step), its wall time added to ``total_time``."""
-        if trainer.sanity_checking or not self._ready or trainer.global_step == self._last_step:
+        """One evaluation at ``trainer.global_step`` on every rank (once per step), its wall time added to ``total_time``.
+
+        The step counts as done (``_last_step``) only once its result or its failure is recorded: an interruption
+        (``KeyboardInterrupt``, a crash) leaves the state as if the evaluation had not begun.
+        """
+        step = trainer.global_step
+        if trainer.sanity_checking or not self._ready or step == self._last_step:
             return
-        self._last_step = step = trainer.global_step
         start = time.perf_counter()
         try:
             modules = [pl_module] + ([self.reference_decoder] if isinstance(self.reference_decoder, nn.Module) else [])
@@ -358,34 +378,41 @@ class ManifoldEntropicMetricsCallback(Callback):
             values["eval_time"] = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
             self.last_metrics = values
             self.history.append({"step": step, "spectrum": values["spectrum"].clone()})
-            self._log(trainer, step, values)
+            self._last_step = step
+            self._log(trainer, step, self._scalars(values), values)
         finally:
             self.total_time += time.perf_counter() - start
 
     def _fail(self, trainer: Trainer, step: int, error: BaseException | None) -> None:
         """Count a failed evaluation (agreed on by every rank) and log the counter; raise with ``strict=True``."""
         self.num_failed += 1
+        self._last_step = step
         if self.strict:
             reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
             raise RuntimeError(f"ManifoldEntropicMetricsCallback(strict=True): the evaluation at step {step} failed ({reason}).") from error
         if error is None:
             rank_zero_warn(f"ManifoldEntropicMetricsCallback: the evaluation at step {step} failed on another rank; training continues.")
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({f"{self.prefix}failed": float(self.num_failed)}, step=step)
+        self._log(trainer, step, {"failed": float(self.num_failed)})
 
     # ---------------------------------------------------------------- logging
 
-    def _log(self, trainer: Trainer, step: int, values: dict[str, Tensor]) -> None:
+    def _scalars(self, values: dict[str, Tensor]) -> dict[str, float]:
+        scalars = {name: float(values[name]) for name in LOGGED_SCALARS if name in values}
+        scalars.update({f"spectrum/top_{rank}": h for rank, h in enumerate(values["spectrum"][: self.top_k].tolist(), start=1)})
+        return {**scalars, "failed": float(self.num_failed)}
+
+    def _log(self, trainer: Trainer, step: int, scalars: dict[str, float], values: dict[str, Tensor] | None = None) -> None:
+        """Every rank: the scalars into ``trainer.callback_metrics`` (for ``ModelCheckpoint``/``EarlyStopping``) and the
+        progress bar; rank zero: into the loggers, with the figures of ``values``."""
+        for name, value in scalars.items():
+            trainer.callback_metrics[f"{self.prefix}{name}"] = torch.tensor(value, dtype=torch.float64)
+            if name in self.progress_bar_keys:
+                trainer.progress_bar_metrics[f"{self.prefix}{name}"] = value
         if not trainer.is_global_zero:
             return
-        scalars = {f"{self.prefix}{name}": float(values[name]) for name in LOGGED_SCALARS if name in values}
-        for rank, entropy in enumerate(values["spectrum"][: self.top_k].tolist(), start=1):
-            scalars[f"{self.prefix}spectrum/top_{rank}"] = entropy
-        scalars[f"{self.prefix}failed"] = float(self.num_failed)
         for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
-        if not self._figure_loggers:
+            logger.log_metrics({f"{self.prefix}{name}": value for name, value in scalars.items()}, step=step)
+        if not self._figure_loggers or values is None:
             return
         number, interval = len(self.history) - 1, self.figures_every_n_evaluations
         if interval == 1 or (number > 0 and number % interval == 0):
@@ -396,8 +423,8 @@ class ManifoldEntropicMetricsCallback(Callback):
     def _log_figures(self, step: int, values: dict[str, Tensor]) -> None:
         self._undrawn = None
         for tag, figure in self._figures.update(self.history, values).items():
-            for logger in self._figure_loggers:
-                logger.experiment.add_figure(f"{self.prefix}{tag}", figure, global_step=step, close=False)
+            for log_figure in self._figure_loggers:
+                log_figure(f"{self.prefix}{tag}", figure, step)
 
     # ---------------------------------------------------------------- checkpointing
 

@@ -267,10 +267,11 @@ def _subplots(figsize: tuple[float, float]) -> tuple[Any, Any]:
     return _pyplot().subplots(figsize=figsize, dpi=100, layout="constrained")
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write ``fig`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``) and close it.
+def save_figure(fig: Any, path: str | Path, *, close: bool = True) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``).
 
-    A kill leaves the old file or the new one, never half of one. Parent folders are created.
+    A kill leaves the old file or the new one, never half of one. Parent folders are created. ``close`` closes the
+    figure afterwards (pyplot's, for figures made by :func:`plot_entropy_spectrum` and friends without ``ax``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +284,8 @@ def save_figure(fig: Any, path: str | Path) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     finally:
-        _pyplot().close(fig)
+        if close:
+            _pyplot().close(fig)
     return path
 
 
