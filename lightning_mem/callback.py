@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lightning_mem._checks import check_callback_inputs
 from lightning_mem.decoders import resolve_decoder, resolve_latent_dim
 from lightning_mem.evaluation import evaluation_mode
-from lightning_mem.functional.statistics import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS
+from lightning_mem.functional.statistics import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS, STANDARD_NORMAL_ENTROPY
 from lightning_mem.loggers import figure_loggers
 from lightning_mem.plotting import EvaluationFigures
 from lightning_mem.tracking import DecoderTracker
@@ -64,8 +64,9 @@ class ManifoldEntropicMetricsCallback(Callback):
     :data:`LOGGED_SCALARS` present (the README's vocabulary table says what each means), ``spectrum/top_1`` ... ``top_k``
     and ``failed``, into the loggers and into ``trainer.callback_metrics`` on every rank (so ``ModelCheckpoint`` and
     ``EarlyStopping`` can monitor them); figures ``spectrum_history``, ``pairwise_mutual_information`` and
-    ``reference/cross_mutual_information`` go to TensorBoard, Weights & Biases, MLflow and CSV loggers. **Drift** compares the decoder with itself at the previous
-    evaluation through the cross mutual information; a ``reference_decoder`` (e.g. a ground truth) gives alignment.
+    ``reference/cross_mutual_information`` go to TensorBoard, Weights & Biases, MLflow and CSV loggers. **Drift**
+    compares the decoder with itself at the previous evaluation through the cross mutual information; a
+    ``reference_decoder`` (e.g. a ground truth) gives alignment.
 
     Training is not changed (eval mode, ``no_grad``, RNG states restored: bit-identical weights); under DDP each rank
     evaluates a share of the latents and the result equals one process; a failed evaluation warns and training goes
@@ -267,7 +268,8 @@ class ManifoldEntropicMetricsCallback(Callback):
         self._tracker.previous = self._tracker.previous_jacobians = None
         self.history, self.last_metrics, self.num_failed, self._last_step = [], {}, 0, None
         self._ready = True
-        self._figure_loggers, self._undrawn, self._figures, self.total_time = [], None, EvaluationFigures(), 0.0
+        level = STANDARD_NORMAL_ENTROPY + math.log(self._tracker.active_threshold)
+        self._figure_loggers, self._undrawn, self._figures, self.total_time = [], None, EvaluationFigures(level), 0.0
         if not trainer.is_global_zero:
             return
         if not trainer.loggers:

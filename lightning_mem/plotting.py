@@ -17,6 +17,7 @@ __all__ = [
     "EvaluationFigures",
     "MutualInformationFigure",
     "SpectrumHistoryFigure",
+    "mark_active_latents",
     "plot_entropy_spectrum",
     "plot_mutual_information",
     "save_figure",
@@ -41,6 +42,8 @@ _FIGURE_SIZE = (6.0, 4.0)
 _SPECTRUM_LINE = {"marker": "o", "markersize": 2}
 _SPECTRUM_XLABEL = "latent (sorted by entropy)"
 _SPECTRUM_YLABEL = "manifold entropy $H_i$ (nats/dim)"
+_ACTIVE_LINE = {"color": "gray", "linewidth": 0.8, "linestyle": ":", "label": "active threshold"}
+_ACTIVE_MARKS = "active latents"
 
 
 def _new_axes(ax: Any) -> tuple[Any, Any]:
@@ -73,6 +76,7 @@ def plot_entropy_spectrum(
     color_label: str = "step",
     log_x: bool = False,
     title: str | None = "Entropy spectrum",
+    active_level: float | None = None,
 ) -> tuple[Any, Any]:
     r"""Line plot of one or more entropy spectra: :math:`H_i` (nats/dim) against the sorted latent index.
 
@@ -85,9 +89,11 @@ def plot_entropy_spectrum(
         color_label: the colour bar's label.
         log_x: logarithmic x axis (useful for many latents).
         title: axes title.
+        active_level: the entropy (nats) above which a latent counts as active, drawn as a dotted line (e.g.
+            :math:`h_0 + \log(\mathrm{threshold})` of :func:`~lightning_mem.functional.num_active_latents`).
 
     Returns:
-        ``(figure, axes)``.
+        ``(figure, axes)``. The latent index axis has integer ticks.
 
     Raises:
         ValueError: if a spectrum is not 1-D, or ``labels`` / ``color_values`` do not match the number of spectra.
@@ -118,13 +124,13 @@ def plot_entropy_spectrum(
         _plot_spectrum(ax, spectrum, color=colors[i], label=None if labels is None else labels[i])
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel(_SPECTRUM_XLABEL)
-    ax.set_ylabel(_SPECTRUM_YLABEL)
+    _style_spectrum_axes(ax)
+    if active_level is not None:
+        ax.axhline(active_level, **_ACTIVE_LINE)
     if title:
         ax.set_title(title)
-    if labels is not None:
+    if labels is not None or active_level is not None:
         ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
     return fig, ax
 
 
@@ -136,8 +142,13 @@ def plot_mutual_information(
     xlabel: str = "latent j",
     ylabel: str = "latent i",
     colorbar_label: str = "nats",
+    active: Tensor | None = None,
 ) -> tuple[Any, Any]:
     """Heatmap of a mutual-information matrix (MPMI ``(d, d)`` or MCPMI ``(d, d_ref)``) with a colour bar.
+
+    Latent indices get integer ticks; ``active`` (a boolean ``(d,)`` mask of the row latents, e.g.
+    ``latent_entropy > active_level``) marks the active latents with triangles beside the rows (and above the
+    columns of a square matrix).
 
     Args:
         matrix: 2-D tensor.
@@ -163,9 +174,40 @@ def plot_mutual_information(
     fig.colorbar(image, ax=ax, label=colorbar_label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    _integer_ticks(ax.xaxis, ax.yaxis)
+    mark_active_latents(ax, active, square=matrix.shape[0] == matrix.shape[1])
     if title:
         ax.set_title(title)
     return fig, ax
+
+
+def mark_active_latents(ax: Any, active: Tensor | None, *, square: bool) -> None:
+    """Triangles beside the rows (and, for a square matrix, above the columns) of the active latents of a heatmap;
+    ``None`` or a new ``active`` mask replaces the previous marks."""
+    for collection in [c for c in ax.collections if c.get_label() == _ACTIVE_MARKS]:
+        collection.remove()
+    if active is None:
+        return
+    index = torch.as_tensor(active).detach().cpu().bool().nonzero().flatten().numpy()
+    style = {"color": "tab:green", "s": 18, "clip_on": False, "label": _ACTIVE_MARKS, "zorder": 3}
+    ax.scatter([-0.5 - 0.6] * len(index), index, marker=">", **style)
+    if square:
+        ax.scatter(index, [-0.5 - 0.6] * len(index), marker="v", **style)
+
+
+def _integer_ticks(*axes: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in axes:
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _style_spectrum_axes(ax: Any) -> None:
+    ax.set_xlabel(_SPECTRUM_XLABEL)
+    ax.set_ylabel(_SPECTRUM_YLABEL)
+    if ax.get_xscale() == "linear":
+        _integer_ticks(ax.xaxis)
+    ax.grid(alpha=0.3)
 
 
 def _color_limits(color_values: Sequence[float]) -> tuple[float, float]:
@@ -173,9 +215,9 @@ def _color_limits(color_values: Sequence[float]) -> tuple[float, float]:
     return low, high if high > low else low + 1
 
 
-def _plot_spectrum(ax: Any, spectrum: Tensor, **style: Any) -> None:
+def _plot_spectrum(ax: Any, spectrum: Tensor, **style: Any) -> Any:
     index = torch.arange(1, spectrum.numel() + 1)
-    ax.plot(index.numpy(), spectrum.numpy(), **_SPECTRUM_LINE, **style)
+    return ax.plot(index.numpy(), spectrum.numpy(), **_SPECTRUM_LINE, **style)[0]
 
 
 class SpectrumHistoryFigure:
@@ -191,19 +233,26 @@ class SpectrumHistoryFigure:
         self._cmap = plt.get_cmap("viridis")
         self._mappable = plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=self._cmap)
         self.figure.colorbar(self._mappable, ax=self.ax, label=color_label)
-        self.ax.set_xlabel(_SPECTRUM_XLABEL)
-        self.ax.set_ylabel(_SPECTRUM_YLABEL)
-        self.ax.grid(alpha=0.3)
+        _style_spectrum_axes(self.ax)
+        self._level: Any = None
 
-    def update(self, spectra: Sequence[Tensor], color_values: Sequence[float], title: str) -> Any:
-        """Draw ``spectra`` (the previous update's followed by new ones), coloured by ``color_values``; returns the figure."""
-        if len(self.ax.lines) > len(spectra):  # not a continuation of the last update's spectra: start over
-            for line in list(self.ax.lines):
+    def update(self, spectra: Sequence[Tensor], color_values: Sequence[float], title: str, active_level: float | None = None) -> Any:
+        """Draw ``spectra`` (the previous update's followed by new ones), coloured by ``color_values``, with the
+        ``active_level`` line of :func:`plot_entropy_spectrum`; returns the figure."""
+        if self._level is None and active_level is not None:
+            self._level = self.ax.axhline(active_level, **_ACTIVE_LINE)
+            self.ax.legend(fontsize="small", loc="upper right")
+        elif self._level is not None and active_level is not None:
+            self._level.set_ydata([active_level, active_level])
+        lines = [line for line in self.ax.lines if line is not self._level]
+        if len(lines) > len(spectra):  # not a continuation of the last update's spectra: start over
+            for line in lines:
                 line.remove()
-        for spectrum in spectra[len(self.ax.lines) :]:
-            _plot_spectrum(self.ax, torch.as_tensor(spectrum).detach().cpu().double())
+            lines = []
+        for spectrum in spectra[len(lines) :]:
+            lines.append(_plot_spectrum(self.ax, torch.as_tensor(spectrum).detach().cpu().double()))
         self._mappable.set_clim(*_color_limits(color_values))
-        for line, value in zip(self.ax.lines, color_values, strict=True):
+        for line, value in zip(lines, color_values, strict=True):
             line.set_color(self._cmap(self._mappable.norm(value)))
         self.ax.relim()
         self.ax.autoscale_view()
@@ -219,17 +268,18 @@ class MutualInformationFigure:
         self.figure = None
         self._image = None
 
-    def update(self, matrix: Tensor, title: str) -> Any:
-        """Draw ``matrix`` with ``title``; returns the figure."""
+    def update(self, matrix: Tensor, title: str, active: Tensor | None = None) -> Any:
+        """Draw ``matrix`` with ``title`` and the ``active`` marks of :func:`plot_mutual_information`; returns the figure."""
         matrix = torch.as_tensor(matrix).detach().cpu().double()
         if self._image is None or self._image.get_array().shape != tuple(matrix.shape):
             _, ax = _offscreen_axes()
-            self.figure, ax = plot_mutual_information(matrix, ax=ax, title=title, **self.text)
+            self.figure, ax = plot_mutual_information(matrix, ax=ax, title=title, active=active, **self.text)
             self._image = ax.images[0]
             return self.figure
         self._image.set_data(matrix.numpy())
         self._image.set_clim(0.0, float(matrix.max()))  # as imshow(vmin=0.0) scales a new image
         self._image.axes.set_title(title)
+        mark_active_latents(self._image.axes, active, square=matrix.shape[0] == matrix.shape[1])
         return self.figure
 
 
@@ -240,7 +290,8 @@ class EvaluationFigures:
     by step), ``pairwise_mutual_information`` and, when ``values`` has it, ``reference/cross_mutual_information``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, active_level: float | None = None) -> None:
+        self.active_level = active_level
         self.spectrum_history = SpectrumHistoryFigure(color_label="training step")
         self.pairwise = MutualInformationFigure()
         self.reference = MutualInformationFigure(xlabel="reference latent j", ylabel="model latent i")
@@ -249,10 +300,14 @@ class EvaluationFigures:
         """Figures of the evaluation that ``values`` and ``history[-1]`` (``{"step", "spectrum"}`` entries) describe."""
         steps = [entry["step"] for entry in history]
         spectra = [entry["spectrum"] for entry in history]
+        level = self.active_level
+        active = None if level is None else values["latent_entropy"] > level
         figures = {
-            "spectrum_history": self.spectrum_history.update(spectra, steps, title=f"Entropy spectrum, steps {steps[0]} to {steps[-1]}"),
+            "spectrum_history": self.spectrum_history.update(
+                spectra, steps, title=f"Entropy spectrum, steps {steps[0]} to {steps[-1]}", active_level=level
+            ),
             "pairwise_mutual_information": self.pairwise.update(
-                values["pairwise_mutual_information"], title=f"Manifold pairwise MI, step {steps[-1]}"
+                values["pairwise_mutual_information"], title=f"Manifold pairwise MI, step {steps[-1]}", active=active
             ),
         }
         if "reference/cross_mutual_information" in values:
@@ -323,7 +378,7 @@ def save_spectrum_figure(
         truth = entropy_spectrum(torch.as_tensor(reference, dtype=torch.float64).detach().cpu())[0]
         ax.plot(torch.arange(1, truth.numel() + 1).numpy(), truth.numpy(), "k--", label=reference_label)
     if threshold is not None:
-        ax.axhline(threshold, color="gray", linewidth=0.8, linestyle=":", label="active threshold")
+        ax.axhline(threshold, **_ACTIVE_LINE)
     if labels is not None or reference is not None or threshold is not None:
         ax.legend(fontsize="small")
     return save_figure(fig, path)
