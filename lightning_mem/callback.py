@@ -17,9 +17,10 @@ from torch import Tensor, nn
 
 from lightning_mem._checks import check_callback_inputs
 from lightning_mem.decoders import resolve_decoder, resolve_latent_dim
-from lightning_mem.evaluation import evaluation_mode
+from lightning_mem.evaluation import evaluation_mode, prior_latents
 from lightning_mem.functional.statistics import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS, STANDARD_NORMAL_ENTROPY
 from lightning_mem.loggers import figure_loggers
+from lightning_mem.pictures import LatentPictures, latent_pictures
 from lightning_mem.plotting import EvaluationFigures
 from lightning_mem.tracking import DecoderTracker
 
@@ -46,6 +47,8 @@ LOGGED_SCALARS = (
 """Keys of ``callback.last_metrics`` logged as scalars (``prefix + key``), with ``spectrum/top_k`` and ``failed``."""
 
 _STATE_VERSION = 1
+_PICTURE_SAMPLES = 16
+"""Latents over which the pictures' mean absolute Jacobian columns are averaged (the first is the traversals' origin)."""
 _UNBOUNDED_FALLBACK_EPOCHS = 1
 """Epoch interval of the default schedule when the run's length is unknown (``num_evaluations`` cannot spread)."""
 
@@ -90,6 +93,9 @@ class ManifoldEntropicMetricsCallback(Callback):
         drift: log the drift since the previous evaluation.
         prefix: prepended to every key.
         progress_bar_keys: names from :data:`LOGGED_SCALARS` (or ``"failed"``) also shown in the progress bar.
+        image_shape: ``(H, W)`` or ``(H, W, C)`` of a decoder whose output is a flattened image: then (as for outputs
+            shaped ``(C, H, W)`` or ``(H, W)``) the figures include ``latent_columns`` and ``latent_traversals``, pictures
+            of the ``top_k`` latents (see :func:`lightning_mem.pictures.latent_pictures`).
         top_k: how many of the largest per-latent entropies to log.
         chunk_size: latents differentiated at once (bounds memory).
         mode: Jacobian mode, see :func:`lightning_mem.decoder_jacobian`.
@@ -152,6 +158,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         drift: bool = True,
         prefix: str = "mem/",
         progress_bar_keys: Sequence[str] = (),
+        image_shape: Sequence[int] | None = None,
         top_k: int = 3,
         chunk_size: int | None = 64,
         mode: str = "auto",
@@ -209,6 +216,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         if isinstance(progress_bar_keys, str) or unknown:
             raise ValueError(f"Expected `progress_bar_keys` to be names from {LOGGED_SCALARS}, but got {progress_bar_keys!r}.")
         self.progress_bar_keys = tuple(progress_bar_keys)
+        self.image_shape = None if image_shape is None else tuple(image_shape)
         self._tracker = DecoderTracker(
             decoder=decoder,
             latent_dim=latent_dim,
@@ -236,7 +244,8 @@ class ManifoldEntropicMetricsCallback(Callback):
         self._last_step: int | None = None
         self._ready = False
         self._figure_loggers: list[Any] = []
-        self._undrawn: tuple[int, dict[str, Tensor]] | None = None
+        self._undrawn: tuple[int, dict[str, Tensor], LatentPictures | None] | None = None
+        self._pictures_failed = False
         self._figures = EvaluationFigures()
 
     @property
@@ -270,6 +279,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         self._ready = True
         level = STANDARD_NORMAL_ENTROPY + math.log(self._tracker.active_threshold)
         self._figure_loggers, self._undrawn, self._figures, self.total_time = [], None, EvaluationFigures(level), 0.0
+        self._pictures_failed = False
         if not trainer.is_global_zero:
             return
         if not trainer.loggers:
@@ -377,11 +387,12 @@ class ManifoldEntropicMetricsCallback(Callback):
                         f"ManifoldEntropicMetricsCallback: the evaluation at step {step} failed ({type(exception).__name__}: {exception})."
                     )
                     return self._fail(trainer, step, exception)
+                pictures = self._latent_pictures(pl_module, values) if trainer.is_global_zero and self._figure_loggers else None
             values["eval_time"] = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
             self.last_metrics = values
             self.history.append({"step": step, "spectrum": values["spectrum"].clone()})
             self._last_step = step
-            self._log(trainer, step, self._scalars(values), values)
+            self._log(trainer, step, self._scalars(values), (values, pictures))
         finally:
             self.total_time += time.perf_counter() - start
 
@@ -403,9 +414,27 @@ class ManifoldEntropicMetricsCallback(Callback):
         scalars.update({f"spectrum/top_{rank}": h for rank, h in enumerate(values["spectrum"][: self.top_k].tolist(), start=1)})
         return {**scalars, "failed": float(self.num_failed)}
 
-    def _log(self, trainer: Trainer, step: int, scalars: dict[str, float], values: dict[str, Tensor] | None = None) -> None:
+    def _latent_pictures(self, pl_module: LightningModule, values: dict[str, Tensor]) -> LatentPictures | None:
+        """Pictures of the top ``top_k`` latents of an image decoder at the first latents (``None`` for other decoders)."""
+        if self._tracker.conditions is not None or self.num_classes is not None or self._pictures_failed:
+            return None
+        drawn = None if isinstance(self.latents, Tensor) else prior_latents(_PICTURE_SAMPLES, self.latent_dim, self.seed, sigma=self.sigma)
+        z = self.latents if drawn is None else drawn
+        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        try:
+            decoder = resolve_decoder(pl_module, self.decoder).function
+            z = z[:_PICTURE_SAMPLES].to(device=pl_module.device, dtype=dtype)
+            return latent_pictures(decoder, z, values["spectrum_order"][: self.top_k], image_shape=self.image_shape, sigma=self.sigma)
+        except Exception as error:  # pictures are extras: a decoder they do not suit must not stop the run
+            self._pictures_failed = True
+            rank_zero_warn(f"ManifoldEntropicMetricsCallback: no latent pictures ({type(error).__name__}: {error}).")
+            return None
+
+    def _log(
+        self, trainer: Trainer, step: int, scalars: dict[str, float], figures: tuple[dict[str, Tensor], LatentPictures | None] | None = None
+    ) -> None:
         """Every rank: the scalars into ``trainer.callback_metrics`` (for ``ModelCheckpoint``/``EarlyStopping``) and the
-        progress bar; rank zero: into the loggers, with the figures of ``values``."""
+        progress bar; rank zero: into the loggers, with the ``figures`` of an evaluation's values and pictures."""
         for name, value in scalars.items():
             trainer.callback_metrics[f"{self.prefix}{name}"] = torch.tensor(value, dtype=torch.float64)
             if name in self.progress_bar_keys:
@@ -414,17 +443,17 @@ class ManifoldEntropicMetricsCallback(Callback):
             return
         for logger in trainer.loggers:
             logger.log_metrics({f"{self.prefix}{name}": value for name, value in scalars.items()}, step=step)
-        if not self._figure_loggers or values is None:
+        if not self._figure_loggers or figures is None:
             return
         number, interval = len(self.history) - 1, self.figures_every_n_evaluations
         if interval == 1 or (number > 0 and number % interval == 0):
-            self._log_figures(step, values)
+            self._log_figures(step, *figures)
         else:
-            self._undrawn = (step, values)
+            self._undrawn = (step, *figures)
 
-    def _log_figures(self, step: int, values: dict[str, Tensor]) -> None:
+    def _log_figures(self, step: int, values: dict[str, Tensor], pictures: LatentPictures | None) -> None:
         self._undrawn = None
-        for tag, figure in self._figures.update(self.history, values).items():
+        for tag, figure in self._figures.update(self.history, values, pictures).items():
             for log_figure in self._figure_loggers:
                 log_figure(f"{self.prefix}{tag}", figure, step)
 

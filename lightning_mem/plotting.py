@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_mem.functional.manifold import entropy_spectrum
+from lightning_mem.pictures import LatentPictures
 
 __all__ = [
     "EvaluationFigures",
@@ -19,6 +20,7 @@ __all__ = [
     "SpectrumHistoryFigure",
     "mark_active_latents",
     "plot_entropy_spectrum",
+    "plot_latent_pictures",
     "plot_mutual_information",
     "save_figure",
     "save_mutual_information_figure",
@@ -286,8 +288,9 @@ class MutualInformationFigure:
 class EvaluationFigures:
     """The callback's figures of one run, kept between evaluations and updated with each (off-screen, Agg).
 
-    ``update(history, values)`` returns ``{tag: figure}``: ``spectrum_history`` (every evaluation's spectrum, coloured
-    by step), ``pairwise_mutual_information`` and, when ``values`` has it, ``reference/cross_mutual_information``.
+    ``update(history, values, pictures)`` returns ``{tag: figure}``: ``spectrum_history`` (every evaluation's spectrum,
+    coloured by step), ``pairwise_mutual_information``, when ``values`` has it ``reference/cross_mutual_information``,
+    and with ``pictures`` ``latent_columns`` and ``latent_traversals``.
     """
 
     def __init__(self, active_level: float | None = None) -> None:
@@ -296,8 +299,11 @@ class EvaluationFigures:
         self.pairwise = MutualInformationFigure()
         self.reference = MutualInformationFigure(xlabel="reference latent j", ylabel="model latent i")
 
-    def update(self, history: Sequence[Mapping[str, Any]], values: Mapping[str, Tensor]) -> dict[str, Any]:
-        """Figures of the evaluation that ``values`` and ``history[-1]`` (``{"step", "spectrum"}`` entries) describe."""
+    def update(
+        self, history: Sequence[Mapping[str, Any]], values: Mapping[str, Tensor], pictures: LatentPictures | None = None
+    ) -> dict[str, Any]:
+        """Figures of the evaluation that ``values`` and ``history[-1]`` (``{"step", "spectrum"}`` entries) describe, with
+        ``latent_columns`` and ``latent_traversals`` from ``pictures`` (:func:`~lightning_mem.pictures.latent_pictures`)."""
         steps = [entry["step"] for entry in history]
         spectra = [entry["spectrum"] for entry in history]
         level = self.active_level
@@ -314,6 +320,9 @@ class EvaluationFigures:
             figures["reference/cross_mutual_information"] = self.reference.update(
                 values["reference/cross_mutual_information"], title=f"Manifold cross MI with the reference, step {steps[-1]}"
             )
+        if pictures is not None:
+            for kind, what in (("columns", "mean |dg/dz_i|"), ("traversals", "traversals")):
+                figures[f"latent_{kind}"] = plot_latent_pictures(pictures, kind=kind, title=f"Top latents: {what}, step {steps[-1]}")
         return figures
 
 
@@ -396,3 +405,46 @@ def save_mutual_information_figure(
     fig, ax = _subplots((4.6, 3.8))
     plot_mutual_information(torch.as_tensor(matrix), ax=ax, title=title, xlabel=xlabel, ylabel=ylabel)
     return save_figure(fig, path)
+
+
+def plot_latent_pictures(pictures: LatentPictures, *, kind: str = "traversals", title: str | None = None) -> Any:
+    """A figure of :class:`LatentPictures`: ``kind="columns"`` (one image per latent) or ``"traversals"`` (one strip
+    per latent, one column per offset). Off-screen (Agg, not managed by pyplot); returns the figure.
+
+    Example:
+        >>> from lightning_mem.pictures import latent_pictures
+        >>> pictures = latent_pictures(torch.nn.Linear(2, 16), torch.zeros(2, 2), [0, 1], image_shape=(4, 4))
+        >>> len(plot_latent_pictures(pictures, kind="columns").axes), len(plot_latent_pictures(pictures).axes)
+        (2, 10)
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if kind not in ("columns", "traversals"):
+        raise ValueError(f"Expected `kind` to be 'columns' or 'traversals', but got {kind!r}.")
+    k = pictures.latents.numel()
+    images = pictures.columns[:, None] if kind == "columns" else pictures.traversals
+    cols = images.shape[1]
+    transpose = kind == "columns"  # one row of k images
+    rows, cols = (1, k) if transpose else (k, cols)
+    figure = Figure(figsize=(1.3 * cols + 0.6, 1.3 * rows + 0.6))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, cols, squeeze=False)
+    for i in range(k):
+        for j in range(images.shape[1]):
+            ax = axes[0][i] if transpose else axes[i][j]
+            image = images[i, j].numpy()
+            gray = image.ndim == 2 or image.shape[-1] == 1
+            shown = image.squeeze(-1) if image.ndim == 3 and gray else image
+            if not gray:  # colour images: each picture scaled into [0, 1] for display
+                shown = (shown - shown.min()) / max(float(shown.max() - shown.min()), 1e-12)
+            ax.imshow(shown, cmap="magma" if kind == "columns" else "gray", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if transpose or j == 0:
+                (ax.set_title if transpose else ax.set_ylabel)(f"z{int(pictures.latents[i])}", fontsize="small")
+            if not transpose and i == 0:
+                ax.set_title(f"{pictures.steps[j]:+g}σ", fontsize="small")
+    if title:
+        figure.suptitle(title, fontsize="small")
+    return figure
