@@ -11,31 +11,15 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _callback_models import TinyVAE, ground_truth_decoder, loader
+from _callback_models import RecordDecoder, TinyVAE, ground_truth_decoder, loader
 
 from lightning_mem import ManifoldEntropicMetricsCallback
 
 NUM_SAMPLES, REFERENCE_DIM, SEED = 37, 2, 5  # 37: the ranks get unequal shards (19 and 18 latents)
-
-
-class RecordDecoder(Callback):
-    """The decoder's weights after every optimizer step (and at the start), to re-evaluate them in one process."""
-
-    def __init__(self) -> None:
-        self.weights: dict[int, dict[str, torch.Tensor]] = {}
-
-    def _record(self, trainer: Trainer, pl_module: TinyVAE) -> None:
-        self.weights[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.decoder.state_dict().items()}
-
-    def on_train_start(self, trainer, pl_module):
-        self._record(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._record(trainer, pl_module)
 
 
 def main(out: Path) -> None:

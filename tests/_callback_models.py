@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["DATA_DIM", "LATENT_DIM", "TinyVAE", "ground_truth_decoder", "loader"]
+__all__ = ["DATA_DIM", "LATENT_DIM", "RecordDecoder", "TinyVAE", "ground_truth_decoder", "loader"]
 
 DATA_DIM, LATENT_DIM = 6, 3
 
@@ -67,3 +67,20 @@ class TinyVAE(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class RecordDecoder(Callback):
+    """The decoder's weights (parameters and buffers) at the start and after every optimizer step, by global step;
+    placed after the callback under test, to re-evaluate those weights in one process."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _record(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.weights[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.decoder.state_dict().items()}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._record(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        self._record(trainer, pl_module)

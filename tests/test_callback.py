@@ -7,18 +7,16 @@ import math
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
-import FrEIA.framework as Ff
-import FrEIA.modules as Fm
 import numpy as np
 import pytest
 import torch
-from _callback_models import DATA_DIM, LATENT_DIM, TinyVAE, ground_truth_decoder, loader
+from _callback_models import DATA_DIM, LATENT_DIM, RecordDecoder, TinyVAE, ground_truth_decoder, loader
+from conftest import documented_latents, free_port, freia_flow
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
@@ -83,11 +81,6 @@ def _trainer(tmp_path: Path, callbacks: list[Callback], **overrides) -> Trainer:
     return Trainer(callbacks=callbacks, **options)
 
 
-def _prior_latents(num_samples: int, latent_dim: int, seed: int) -> torch.Tensor:
-    """The documented latents: ``num_samples`` draws from N(0, I) by a ``torch.Generator`` seeded with ``seed``."""
-    return torch.randn(num_samples, latent_dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
-
-
 def _global_rng_states() -> tuple:
     return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()  # noqa: NPY002 - the legacy global state
 
@@ -117,19 +110,6 @@ class CaptureLogger(Logger):
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass
-
-
-class RecordDecoder(Callback):
-    """Decoder weights (parameters and buffers) after every optimizer step; placed after the callback under test."""
-
-    def __init__(self) -> None:
-        self.weights: dict[int, dict[str, torch.Tensor]] = {}
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.weights[trainer.global_step] = copy.deepcopy(pl_module.decoder.state_dict())
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.weights[trainer.global_step] = copy.deepcopy(pl_module.decoder.state_dict())
 
 
 def _decoder_at(weights: dict[str, torch.Tensor], **model_options) -> nn.Module:
@@ -181,7 +161,7 @@ def test_tensorboard_fit_logs_every_key_at_every_scheduled_step_and_figures(tmp_
 
     # the last logged values equal the functional API on the final decoder at the documented latents
     decoder = model.decoder.eval()
-    z = _prior_latents(num_samples, LATENT_DIM, seed=0)
+    z = documented_latents(num_samples, LATENT_DIM, seed=0)
     jacobian = decoder_jacobian(decoder, z)
     per_dim, total = manifold_entropy(jacobian)
     pairwise = manifold_pairwise_mutual_information(jacobian)
@@ -466,14 +446,9 @@ def test_each_evaluation_restores_modes_rng_and_leaves_parameters_grads_buffers_
 # ---------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_ddp_fit_on_two_processes_logs_what_one_process_computes(tmp_path):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
     result = subprocess.run(
         [sys.executable, str(HERE / "_callback_ddp.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
@@ -490,7 +465,7 @@ def test_ddp_fit_on_two_processes_logs_what_one_process_computes(tmp_path):
             assert torch.equal(value, rank1["last_metrics"][name]), name
 
     # one process, all 37 latents, the functional API, the decoder weights of the last two evaluations (float64)
-    z = torch.randn(37, LATENT_DIM, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    z = documented_latents(37, LATENT_DIM, seed=5, dtype=torch.float64)
     jacobian = decoder_jacobian(_decoder_at(rank0["weights"][4]), z)
     previous = decoder_jacobian(_decoder_at(rank0["weights"][2]), z)
     reference = decoder_jacobian(ground_truth_decoder(2).double(), rank0["reference_latents"])
@@ -573,12 +548,7 @@ class FlowModule(LightningModule):
         super().__init__()
         self.latent_dim = dim
 
-        def subnet(c_in: int, c_out: int) -> nn.Module:
-            return nn.Sequential(nn.Linear(c_in, 16), nn.Tanh(), nn.Linear(16, c_out))
-
-        self.flow = Ff.SequenceINN(dim)
-        for _ in range(2):
-            self.flow.append(Fm.AllInOneBlock, subnet_constructor=subnet)
+        self.flow = freia_flow(dim, "AllInOneBlock", 2, dtype=torch.float32)
 
     def training_step(self, batch, batch_idx):
         (x,) = batch
@@ -596,7 +566,7 @@ def test_freia_flow_module_entropy_equals_the_flows_own_log_determinant(tmp_path
     model = FlowModule()
     _trainer(tmp_path, [callback], max_steps=4).fit(model, DataLoader(TensorDataset(x), batch_size=8))
     assert [entry["step"] for entry in callback.history] == [0, 2, 4]
-    z = _prior_latents(32, 4, seed=0)
+    z = documented_latents(32, 4, seed=0)
     with torch.no_grad():
         generated = model.flow(z, rev=True)[0]
         _, forward_log_det = model.flow(generated)  # log|det dz/dx| = -log|det dx/dz|
@@ -634,7 +604,7 @@ def test_conditional_decoder_module_averages_over_classes(tmp_path, one_hot):
     model = ConditionalModule(one_hot=one_hot)
     _trainer(tmp_path, [callback], max_steps=2).fit(model, loader())
     assert [entry["step"] for entry in callback.history] == [0, 2]
-    z = _prior_latents(30, 2, seed=0)
+    z = documented_latents(30, 2, seed=0)
     labels = torch.arange(30) % 3
     condition = F.one_hot(labels, 3).float() if one_hot else labels
     jacobian = decoder_jacobian(model.decode, z, condition=condition)
@@ -802,7 +772,7 @@ def _check_device_run(accelerator: str, tmp_path: Path) -> None:
     assert torch.equal(rng[0], rng_cb[0]) and np.array_equal(rng[1], rng_cb[1]) and rng[2] == rng_cb[2]
     assert torch.equal(rng[3], rng_cb[3])  # the CUDA generator too
     decoder = model.decoder.cpu().double().eval()
-    per_dim, total = manifold_entropy(decoder_jacobian(decoder, _prior_latents(40, LATENT_DIM, seed=0).double()))
+    per_dim, total = manifold_entropy(decoder_jacobian(decoder, documented_latents(40, LATENT_DIM, seed=0).double()))
     assert float(callback.last_metrics["entropy"]) == pytest.approx(float(total), rel=1e-4)
     assert callback.last_metrics["latent_entropy"] == pytest.approx(per_dim, rel=1e-4, abs=1e-4)
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import freia_flow
 from torch import nn
 
 from lightning_mem import ManifoldCrossMutualInformation, ManifoldEntropicMetrics, as_decoder, decoder_gram, decoder_jacobian
@@ -54,14 +55,8 @@ def test_metrics_move_to_cuda_and_match_cpu():
 
 
 def test_freia_flow_on_cuda():
-    Ff = pytest.importorskip("FrEIA.framework")
-    Fm = pytest.importorskip("FrEIA.modules")
-    torch.manual_seed(0)
-    inn = Ff.SequenceINN(4)
-    for _ in range(3):
-        inn.append(Fm.GLOWCouplingBlock, subnet_constructor=lambda i, o: nn.Sequential(nn.Linear(i, 16), nn.ReLU(), nn.Linear(16, o)))
-        inn.append(Fm.PermuteRandom)
-    inn = inn.double()
+    pytest.importorskip("FrEIA")
+    inn = freia_flow(4, "GLOWCouplingBlock", 3, seed=0, permute_seeds=range(3))
     z = torch.randn(20, 4, dtype=torch.float64)
     cpu = decoder_jacobian(as_decoder(inn), z)
     gpu = decoder_jacobian(as_decoder(inn.cuda()), z.cuda())

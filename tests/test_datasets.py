@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import autograd_jacobian
 from sklearn.datasets import load_digits as sklearn_load_digits
 
 from lightning_mem.demo.datasets import DIGITS_SHAPE, TorusGenerator, load_digits, make_two_moons, tensor_dataloader
@@ -62,14 +63,10 @@ def test_two_moons_rejects_bad_arguments(kwargs, match):
         make_two_moons(**kwargs)
 
 
-def _autograd_jacobians(decoder, z):
-    return torch.stack([torch.autograd.functional.jacobian(lambda v: decoder(v[None])[0], z_n) for z_n in z])
-
-
 def test_torus_jacobian_has_orthogonal_columns_of_the_stated_norms():
     torus = TorusGenerator(num_circles=3, seed=1)
     z = torch.randn(16, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    jacobian = _autograd_jacobians(torus, z)
+    jacobian = autograd_jacobian(torus, z)
     gram = jacobian.mT @ jacobian
     pairs = z.reshape(16, 3, 2)
     radius = 1.0 + torus.radius_scales * pairs[..., 1]
@@ -96,7 +93,7 @@ def test_torus_is_a_rotation_of_the_planar_circles():
 def test_torus_ground_truth_spectrum_matches_sampled_jacobians():
     torus = TorusGenerator(num_circles=10)
     z, _ = torus.sample(20000, generator=torch.Generator().manual_seed(2))
-    jacobian = _autograd_jacobians(torus, z[:64])  # autograd agrees with the closed form on a few samples ...
+    jacobian = autograd_jacobian(torus, z[:64])  # autograd agrees with the closed form on a few samples ...
     torch.testing.assert_close(jacobian, torch.func.vmap(torch.func.jacrev(lambda v: torus(v[None])[0]))(z[:64]))
     latent_entropy, _ = manifold_entropy(torch.func.vmap(torch.func.jacrev(lambda v: torus(v[None])[0]))(z))  # ... and on many
     exact = torus.entropy_per_dim()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-import FrEIA.framework as Ff
-import FrEIA.modules as Fm
 import pytest
 import torch
+from conftest import autograd_jacobian, freia_flow, naive_metrics
 from torch import nn
 
 import lightning_mem as lm
@@ -34,12 +33,7 @@ MAX_Z_SCORE = 4.5  # deterministic seeds: a fixed draw, checked once, not a flak
 
 
 def _flow(d: int = 6) -> nn.Module:
-    torch.manual_seed(0)
-    inn = Ff.SequenceINN(d)
-    for _ in range(3):
-        inn.append(Fm.GLOWCouplingBlock, subnet_constructor=lambda i, o: nn.Sequential(nn.Linear(i, 16), nn.Tanh(), nn.Linear(16, o)))
-        inn.append(Fm.PermuteRandom, seed=0)
-    inn = inn.double().eval()
+    inn = freia_flow(d, "GLOWCouplingBlock", 3, seed=0, permute_seeds=[0, 0, 0]).eval()
     with torch.no_grad():  # stronger couplings: correlated columns, MTC of several nats
         for module in inn.modules():
             if isinstance(module, nn.Linear):
@@ -50,22 +44,6 @@ def _flow(d: int = 6) -> nn.Module:
 def _mlp(d: int = 5, big_d: int = 10) -> nn.Module:
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, big_d)).double().eval()
-
-
-def _naive(decoder, z: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Metrics straight from the formulas, with per-sample Jacobians from torch.autograd.functional.jacobian."""
-    jacobians = torch.stack([torch.autograd.functional.jacobian(lambda x: decoder(x[None])[0], z_n) for z_n in z])
-    norms2 = jacobians.square().sum(1)  # (N, d)
-    gram = jacobians.mT @ jacobians
-    d = z.shape[1]
-    per_latent = H0 + 0.5 * norms2.log().mean(0)
-    total = d * H0 + 0.5 * torch.linalg.slogdet(gram)[1].mean()
-    mpmi = torch.zeros(d, d, dtype=torch.float64)
-    for i in range(d):
-        for j in range(d):
-            if i != j:
-                mpmi[i, j] = -0.5 * torch.log(1 - gram[:, i, j] ** 2 / (norms2[:, i] * norms2[:, j])).mean()
-    return {"per_latent": per_latent, "total": total, "mtc": per_latent.sum() - total, "mpmi": mpmi}
 
 
 def _z_scores(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -120,18 +98,19 @@ def test_total_entropy_from_the_flows_log_det_equals_the_gram_determinant():
     inn = _flow()
     decoder = lm.as_decoder(inn)
     z = torch.randn(20, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    truth = _naive(decoder, z)
+    truth = naive_metrics(autograd_jacobian(decoder, z))
     for log_abs_det in (True, lambda z_: inn(z_, rev=True)[1], inn(z, rev=True)[1].detach()):
         _, total = estimate_manifold_entropy(decoder, z, num_columns=2, log_abs_det=log_abs_det)
-        torch.testing.assert_close(total, truth["total"], rtol=0, atol=1e-9)
+        torch.testing.assert_close(total, truth["entropy"], rtol=0, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_flow_estimates_are_unbiased():
     inn = _flow()
     decoder = lm.as_decoder(inn)
     z = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    truth = _naive(decoder, z)
-    assert truth["mtc"] > 1.0 and truth["mpmi"].max() > 0.3  # a non-trivial target
+    truth = naive_metrics(autograd_jacobian(decoder, z))
+    assert truth["total_correlation"] > 1.0 and truth["pairwise_mutual_information"].max() > 0.3  # a non-trivial target
     per_latent, mtc, mpmi = [], [], []
     for seed in range(NUM_SEEDS):
         statistics = sampled_gram_statistics(decoder, z, num_columns=2, generator=torch.Generator().manual_seed(seed), log_abs_det=True)
@@ -139,29 +118,30 @@ def test_flow_estimates_are_unbiased():
         mtc.append(finish_sampled_total_correlation(statistics))
         mpmi.append(finish_sampled_pairwise_mutual_information(statistics))
     per_latent, mtc, mpmi = torch.stack(per_latent), torch.stack(mtc), torch.stack(mpmi)
-    assert _z_scores(per_latent, truth["per_latent"]).abs().max() < MAX_Z_SCORE
-    assert _z_scores(mtc, truth["mtc"]).abs() < MAX_Z_SCORE
+    assert _z_scores(per_latent, truth["entropy_per_dim"]).abs().max() < MAX_Z_SCORE
+    assert _z_scores(mtc, truth["total_correlation"]).abs() < MAX_Z_SCORE
     off_diagonal = ~torch.eye(6, dtype=torch.bool)
-    pair_scores = _z_scores(mpmi, truth["mpmi"])[off_diagonal]
+    pair_scores = _z_scores(mpmi, truth["pairwise_mutual_information"])[off_diagonal]
     assert pair_scores.abs().max() < MAX_Z_SCORE
     assert (pair_scores**2).mean() < 2.5  # and no systematic drift: about chi-square with mean 1
     # the estimates vary from seed to seed (the test has power): a single run is off by many standard errors
     assert per_latent.std(0).min() > 1e-3
 
 
+@pytest.mark.slow
 def test_non_square_decoder_estimates_are_unbiased():
     decoder = _mlp()
     z = torch.randn(30, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    truth = _naive(decoder, z)
+    truth = naive_metrics(autograd_jacobian(decoder, z))
     runs = [
         sampled_gram_statistics(decoder, z, num_columns=2, generator=torch.Generator().manual_seed(seed), chunk_size=7)
         for seed in range(NUM_SEEDS)
     ]
     per_latent = torch.stack([finish_sampled_entropy(run)[0] for run in runs])
     mpmi = torch.stack([finish_sampled_pairwise_mutual_information(run) for run in runs])
-    assert _z_scores(per_latent, truth["per_latent"]).abs().max() < MAX_Z_SCORE
+    assert _z_scores(per_latent, truth["entropy_per_dim"]).abs().max() < MAX_Z_SCORE
     off_diagonal = ~torch.eye(5, dtype=torch.bool)
-    assert _z_scores(mpmi, truth["mpmi"])[off_diagonal].abs().max() < MAX_Z_SCORE
+    assert _z_scores(mpmi, truth["pairwise_mutual_information"])[off_diagonal].abs().max() < MAX_Z_SCORE
     assert torch.isnan(finish_sampled_entropy(runs[0])[1])  # no log-det: the total is not estimable
 
 

@@ -1,7 +1,6 @@
 """Tests of offline checkpoint evaluation: round trips through real Lightning checkpoints, the CLI, and the errors."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -9,12 +8,14 @@ import textwrap
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from conftest import autograd_jacobian, documented_latents, freia_flow, linear_closed_form, naive_metrics
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_mem import ManifoldEntropicMetricsCallback
 from lightning_mem.cli import main
 from lightning_mem.evaluate import evaluate_checkpoint, load_module
-from lightning_mem.functional import STANDARD_NORMAL_ENTROPY
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*treespec, LeafSpec.*")
 
@@ -90,29 +91,18 @@ def vae_checkpoint(tmp_path_factory):
     return _write_checkpoint(BetaVAE(latent_dim=2, hidden_dim=4), tmp_path_factory.mktemp("vae") / "vae.ckpt", 64)
 
 
-def _closed_form(weight):
-    """Metrics of the linear decoder x = A z, from the formulas (J = A everywhere)."""
-    a = torch.tensor(weight, dtype=torch.float64)
-    gram = a.T @ a
-    norms2 = gram.diagonal()
-    latent_entropy = STANDARD_NORMAL_ENTROPY + 0.5 * norms2.log()
-    entropy = a.shape[1] * STANDARD_NORMAL_ENTROPY + 0.5 * torch.logdet(gram)
-    rho2 = gram.square() / (norms2[:, None] * norms2[None, :])
-    pairwise = -0.5 * torch.log(1.0 - rho2.fill_diagonal_(0.0))
-    return latent_entropy, entropy, latent_entropy.sum() - entropy, pairwise
-
-
 def test_round_trip_of_a_linear_decoder_matches_the_closed_form(user_package, tmp_path):
     from user_models import LinearDecoderModule
 
     checkpoint = _write_checkpoint(LinearDecoderModule(WEIGHT), tmp_path / "linear.ckpt", 3)
     report = evaluate_checkpoint(checkpoint, "user_models:LinearDecoderModule", out_dir=tmp_path / "report", num_samples=10, progress=False)
-    latent_entropy, entropy, total_correlation, pairwise = _closed_form(WEIGHT)
-    torch.testing.assert_close(torch.tensor(report["latent_entropy"], dtype=torch.float64), latent_entropy)
-    assert report["entropy"] == pytest.approx(float(entropy), abs=1e-9)
-    assert report["total_correlation"] == pytest.approx(float(total_correlation), abs=1e-9)
-    torch.testing.assert_close(torch.tensor(report["pairwise_mutual_information"], dtype=torch.float64), pairwise)
-    assert report["spectrum_order"] == latent_entropy.argsort(descending=True).tolist()
+    truth = linear_closed_form(torch.tensor(WEIGHT, dtype=torch.float64))
+    torch.testing.assert_close(torch.tensor(report["latent_entropy"], dtype=torch.float64), truth["entropy_per_dim"])
+    assert report["entropy"] == pytest.approx(float(truth["entropy"]), abs=1e-9)
+    assert report["total_correlation"] == pytest.approx(float(truth["total_correlation"]), abs=1e-9)
+    pairwise = torch.tensor(report["pairwise_mutual_information"], dtype=torch.float64)
+    torch.testing.assert_close(pairwise, truth["pairwise_mutual_information"])
+    assert report["spectrum_order"] == truth["entropy_per_dim"].argsort(descending=True).tolist()
     assert report["num_active"] == 3 and report["latent_dim"] == 3 and report["decoder"] == "decoder"
     assert report["global_step"] == 1 and report["num_samples"] == 10
     # the JSON on disk is the report, and the figures are PNG files
@@ -132,24 +122,16 @@ def test_round_trip_of_a_beta_vae_matches_a_naive_autograd_evaluation(tmp_path):
 
     # naive: the same prior samples, per-sample torch.autograd.functional.jacobian in float64, formulas by hand
     reloaded = load_module(BetaVAE, checkpoint).double()
-    z = torch.randn(12, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    jacobians = torch.stack([torch.autograd.functional.jacobian(lambda v: reloaded.decoder(v[None])[0], z_n) for z_n in z])
-    log_diag = torch.stack([torch.log(torch.diag(j.T @ j)) for j in jacobians]).mean(0)
-    log_det = torch.stack([torch.logdet(j.T @ j) for j in jacobians]).mean()
-    latent_entropy = STANDARD_NORMAL_ENTROPY + 0.5 * log_diag
-    entropy = 3 * STANDARD_NORMAL_ENTROPY + 0.5 * log_det
-    torch.testing.assert_close(torch.tensor(report["latent_entropy"], dtype=torch.float64), latent_entropy)
-    assert report["entropy"] == pytest.approx(float(entropy), abs=1e-9)
-    assert report["total_correlation"] == pytest.approx(float(latent_entropy.sum() - entropy), abs=1e-9)
-    pairwise = torch.zeros(3, 3, dtype=torch.float64)
-    for i in range(3):
-        for j in range(3):
-            if i != j:
-                terms = [-0.5 * math.log(1 - float((g[i, j] ** 2) / (g[i, i] * g[j, j]))) for g in (jj.T @ jj for jj in jacobians)]
-                pairwise[i, j] = sum(terms) / len(terms)
-    torch.testing.assert_close(torch.tensor(report["pairwise_mutual_information"], dtype=torch.float64), pairwise)
+    z = documented_latents(12, 3, seed=7, dtype=torch.float64)
+    truth = naive_metrics(autograd_jacobian(reloaded.decoder, z))
+    torch.testing.assert_close(torch.tensor(report["latent_entropy"], dtype=torch.float64), truth["entropy_per_dim"])
+    assert report["entropy"] == pytest.approx(float(truth["entropy"]), abs=1e-9)
+    assert report["total_correlation"] == pytest.approx(float(truth["total_correlation"]), abs=1e-9)
+    pairwise = torch.tensor(report["pairwise_mutual_information"], dtype=torch.float64)
+    torch.testing.assert_close(pairwise, truth["pairwise_mutual_information"])
 
 
+@pytest.mark.slow
 def test_cli_round_trip_in_a_second_process(user_package, tmp_path):
     from user_models import LinearDecoderModule
 
@@ -161,13 +143,85 @@ def test_cli_round_trip_in_a_second_process(user_package, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert "manifold entropic metrics" in done.stderr  # the progress bar
-    _, entropy, total_correlation, _ = _closed_form(WEIGHT)
+    truth = linear_closed_form(torch.tensor(WEIGHT, dtype=torch.float64))
     report = json.loads((out / "report.json").read_text())
-    assert report["entropy"] == pytest.approx(float(entropy), abs=1e-9)
-    assert report["total_correlation"] == pytest.approx(float(total_correlation), abs=1e-9)
+    assert report["entropy"] == pytest.approx(float(truth["entropy"]), abs=1e-9)
+    assert report["total_correlation"] == pytest.approx(float(truth["total_correlation"]), abs=1e-9)
     column_norms = torch.tensor(WEIGHT).norm(dim=0)  # 1.41, 2.06, 0.56: two columns above the threshold 1.0
     assert report["num_active"] == int((column_norms > 1.0).sum()) == 2 and report["active_threshold"] == 1.0
-    assert f"{float(entropy):.3f} nats" in done.stdout and str(out / "spectrum.png") in done.stdout
+    assert f"{float(truth['entropy']):.3f} nats" in done.stdout and str(out / "spectrum.png") in done.stdout
+
+
+class InvertibleDecoderModule(LightningModule):
+    """A normalizing flow whose ``decoder`` attribute is the FrEIA ``SequenceINN`` itself: its forward pass encodes
+    x -> z, so the decoder z -> x is the reverse pass. The loss is zero and the learning rate too: weights stay put."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.latent_dim = dim
+        # global scales of 0.7 per block and strong couplings: the forward and reverse passes differ by nats in the
+        # entropies and by a tenth of a nat in the total correlation, not by rounding
+        self.decoder = freia_flow(dim, "AllInOneBlock", 2, global_affine_init=0.7, dtype=torch.float32)
+        with torch.no_grad():
+            for module in self.decoder.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.mul_(4.0)
+
+    def training_step(self, batch, batch_idx):
+        return self.decoder(batch[0])[0].sum() * 0.0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.filterwarnings("ignore:.*the Trainer has no logger:UserWarning")
+def test_evaluate_and_the_callback_both_differentiate_the_reverse_pass_of_an_invertible_decoder(tmp_path):
+    """Pinned: `evaluate` used to differentiate a FrEIA decoder's forward (encoder) pass while the callback used the
+    reverse pass. Both must give the float64 autograd truth of ``inn(z, rev=True)[0]`` at the same prior latents."""
+    num_samples, seed, dim = 48, 5, 4
+    torch.manual_seed(0)
+    model = InvertibleDecoderModule(dim)
+    callback = ManifoldEntropicMetricsCallback(num_samples=num_samples, seed=seed, num_evaluations=None, log_figures=False, strict=True)
+    trainer = Trainer(
+        max_steps=1,
+        precision="64-true",
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(model, DataLoader(TensorDataset(torch.randn(4, dim)), batch_size=2))
+    assert [entry["step"] for entry in callback.history] == [0, 1]
+    trainer.save_checkpoint(tmp_path / "flow.ckpt")
+    report = evaluate_checkpoint(
+        tmp_path / "flow.ckpt", InvertibleDecoderModule, num_samples=num_samples, seed=seed, double=True, progress=False
+    )
+    assert report["decoder"] == "decoder" and report["latent_dim"] == dim
+    from_evaluate = {
+        "latent_entropy": torch.tensor(report["latent_entropy"], dtype=torch.float64),
+        "entropy": torch.tensor(report["entropy"], dtype=torch.float64),
+        "total_correlation": torch.tensor(report["total_correlation"], dtype=torch.float64),
+    }
+    from_callback = {name: callback.last_metrics[name] for name in from_evaluate}
+
+    # the truths: float64 autograd Jacobians of the reverse pass (the decoder) and of the forward pass (the old bug)
+    inn = model.decoder.double()
+    z = documented_latents(num_samples, dim, seed, dtype=torch.float64)
+    truths = {}
+    for direction, rev in (("reverse", True), ("forward", False)):
+        naive = naive_metrics(autograd_jacobian(lambda v, rev=rev: inn(v, rev=rev)[0], z))
+        truths[direction] = {
+            "latent_entropy": naive["entropy_per_dim"],
+            "entropy": naive["entropy"],
+            "total_correlation": naive["total_correlation"],
+        }
+    for name, truth in truths["reverse"].items():
+        torch.testing.assert_close(from_evaluate[name], from_callback[name].double(), atol=1e-10, rtol=0, msg=name)  # (a)
+        torch.testing.assert_close(from_evaluate[name], truth, atol=1e-10, rtol=0, msg=name)  # (b)
+        assert (truth - truths["forward"][name]).abs().max() > 0.05, name  # (c) the forward pass gives other values
 
 
 def test_missing_checkpoint(tmp_path, capsys):

@@ -13,7 +13,7 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*treespec, LeafSpec.*")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*treespec, LeafSpec.*")]
 
 
 def _example(name):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 
-import FrEIA.framework as Ff
-import FrEIA.modules as Fm
 import pytest
 import torch
+from conftest import H0, autograd_jacobian, freia_flow, linear_closed_form, naive_cross, naive_metrics
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -28,7 +27,6 @@ from lightning_mem.functional import (
 )
 from lightning_mem.functional.statistics import cross_statistics, gram_statistics
 
-H0 = 0.5 * (1.0 + math.log(2.0 * math.pi))  # written out again: the constant is part of what is tested
 ATOL = 1e-10
 F64 = torch.float64
 
@@ -66,22 +64,6 @@ def linear_jacobian(a: Tensor, n: int = 3) -> Tensor:
     return a.expand(n, *a.shape).clone()
 
 
-def closed_form(a: Tensor) -> dict[str, Tensor]:
-    """Every metric of ``x = A z`` from the columns of ``A`` (all non-zero)."""
-    d = a.shape[1]
-    norms = a.norm(dim=0)
-    log_det = torch.logdet(a.T @ a)
-    cos = (a.T @ a) / (norms[:, None] * norms[None, :])
-    mi = -0.5 * torch.log(1 - cos**2)
-    mi.fill_diagonal_(0)
-    return {
-        "entropy_per_dim": H0 + torch.log(norms),
-        "entropy": d * H0 + 0.5 * log_det,
-        "total_correlation": torch.log(norms).sum() - 0.5 * log_det,
-        "pairwise_mutual_information": mi,
-    }
-
-
 def random_matrix(rows: int, cols: int, seed: int) -> Tensor:
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
@@ -104,7 +86,7 @@ LINEAR_CASES = {
 def test_linear_decoder_closed_form(case):
     a = LINEAR_CASES[case]()
     jacobian = linear_jacobian(a)
-    expected = closed_form(a)
+    expected = linear_closed_form(a)
     got = all_metrics(jacobian)
     for key, value in expected.items():
         close(got[key], value)
@@ -156,7 +138,7 @@ def test_linear_decoder_with_a_zero_column(zero_column, eps):
     n = 3
     jacobian = linear_jacobian(a, n)
     active = [i for i in range(4) if i != zero_column]
-    sub = closed_form(a[:, active])
+    sub = linear_closed_form(a[:, active])
 
     got = all_metrics(jacobian, eps=eps)
     for value in got.values():
@@ -312,56 +294,6 @@ def tanh_mlp(latent_dim: int, output_dim: int, seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(latent_dim, 16), nn.Tanh(), nn.Linear(16, output_dim), nn.Tanh()).double()
 
 
-def autograd_jacobians(decoder: nn.Module, z: Tensor) -> list[Tensor]:
-    return [torch.autograd.functional.jacobian(lambda v: decoder(v[None])[0], z[n]) for n in range(len(z))]
-
-
-def naive_metrics(jacobians: list[Tensor], std: Tensor | float | None = None, sigma: Tensor | None = None) -> dict[str, Tensor]:
-    """Straight from the formulas: a loop over samples, a double loop over pairs, 2x2 determinants."""
-    d = jacobians[0].shape[1]
-    sum_log_diag = [0.0] * d
-    sum_log_det = 0.0
-    sum_pair = [[0.0] * d for _ in range(d)]
-    for jacobian in jacobians:
-        j = jacobian.reshape(-1, d)
-        if std is not None:
-            j = j * torch.as_tensor(std, dtype=F64).reshape(-1, 1)
-        if sigma is not None:
-            j = j * sigma.reshape(1, -1)
-        g = j.T @ j
-        for i in range(d):
-            sum_log_diag[i] += math.log(g[i, i])
-        sum_log_det += float(torch.logdet(g))
-        for i in range(d):
-            for k in range(d):
-                if i != k:
-                    block = g[[i, k]][:, [i, k]]  # Gram matrix of columns i and k: H_i + H_k - H_ik
-                    sum_pair[i][k] += 0.5 * (math.log(g[i, i]) + math.log(g[k, k]) - math.log(float(torch.det(block))))
-    n = len(jacobians)
-    entropy_per_dim = torch.tensor([H0 + 0.5 * s / n for s in sum_log_diag], dtype=F64)
-    entropy = d * H0 + 0.5 * sum_log_det / n
-    return {
-        "entropy_per_dim": entropy_per_dim,
-        "entropy": torch.tensor(entropy, dtype=F64),
-        "total_correlation": entropy_per_dim.sum() - entropy,
-        "pairwise_mutual_information": torch.tensor(sum_pair, dtype=F64) / n,
-    }
-
-
-def naive_cross(jacobians: list[Tensor], reference: list[Tensor]) -> Tensor:
-    """MCPMI straight from the formula: per sample, per pair (i, j), the 2x2 Gram matrix of [a_i, b_j]."""
-    d, d_ref = jacobians[0].shape[-1], reference[0].shape[-1]
-    total = torch.zeros(d, d_ref, dtype=F64)
-    for ja, jb in zip(jacobians, reference, strict=True):
-        ja, jb = ja.reshape(-1, d), jb.reshape(-1, d_ref)
-        for i in range(d):
-            for k in range(d_ref):
-                block = torch.stack([ja[:, i], jb[:, k]], dim=1)
-                g = block.T @ block
-                total[i, k] += 0.5 * (math.log(g[0, 0]) + math.log(g[1, 1]) - math.log(float(torch.det(g))))
-    return total / len(jacobians)
-
-
 def class_mean(values: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {key: torch.stack([v[key] for v in values]).mean(0) for key in values[0]}
 
@@ -376,9 +308,9 @@ def nonlinear():
     return {
         "decoder": decoder,
         "z": z,
-        "jacobians": autograd_jacobians(decoder, z),
+        "jacobians": autograd_jacobian(decoder, z),
         "jacobian": decoder_jacobian(decoder, z),
-        "reference_jacobians": autograd_jacobians(reference, z_reference),
+        "reference_jacobians": autograd_jacobian(reference, z_reference),
         "reference_jacobian": decoder_jacobian(reference, z_reference),
         "std": torch.rand(OUTPUT, generator=generator, dtype=F64) * 2 + 0.1,
         "sigma": torch.rand(LATENT, generator=generator, dtype=F64) * 2 + 0.1,
@@ -466,7 +398,7 @@ def test_class_conditional_cross_mutual_information(nonlinear):
 
 def test_gram_path_equals_jacobian_path(nonlinear):
     decoder, z = nonlinear["decoder"], nonlinear["z"]
-    flat = torch.stack(nonlinear["jacobians"])
+    flat = nonlinear["jacobians"]
     gram = decoder_gram(decoder, z, chunk_size=16)
     close(gram, flat.mT @ flat)
     close(jacobian_gram(nonlinear["jacobian"]), flat.mT @ flat)
@@ -566,28 +498,19 @@ def test_torus_ground_truth():
 # ------------------------------------------------------------------------------------------------------ flows
 
 
-def subnet(c_in: int, c_out: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(c_in, 16), nn.Tanh(), nn.Linear(16, c_out))
-
-
 FLOW_BLOCKS = {
-    "GLOW": (Fm.GLOWCouplingBlock, {}),
-    "NICE": (Fm.NICECouplingBlock, {}),
-    "GIN": (Fm.GINCouplingBlock, {}),
-    "AllInOne": (Fm.AllInOneBlock, {"global_affine_init": 0.7}),
-    "RNVP": (Fm.RNVPCouplingBlock, {}),
+    "GLOW": ("GLOWCouplingBlock", {}),
+    "NICE": ("NICECouplingBlock", {}),
+    "GIN": ("GINCouplingBlock", {}),
+    "AllInOne": ("AllInOneBlock", {"global_affine_init": 0.7}),
+    "RNVP": ("RNVPCouplingBlock", {}),
 }
 VOLUME_PRESERVING = {"NICE", "GIN"}
 
 
 def make_flow(name: str, dim: int = 6, num_blocks: int = 3) -> nn.Module:
     block, options = FLOW_BLOCKS[name]
-    torch.manual_seed(17)
-    inn = Ff.SequenceINN(dim)
-    for seed in range(num_blocks):
-        inn.append(block, subnet_constructor=subnet, **options)
-        inn.append(Fm.PermuteRandom, seed=seed)
-    return inn.double()
+    return freia_flow(dim, block, num_blocks, seed=17, permute_seeds=range(num_blocks), **options)
 
 
 @pytest.mark.parametrize("name", FLOW_BLOCKS)
@@ -607,9 +530,7 @@ def test_flow_entropy_equals_its_own_log_det(name):
     close(from_gram, expected)
 
     # the block's own log-determinant agrees with autodiff (report it here if it ever does not)
-    autodiff = torch.stack(
-        [torch.linalg.slogdet(torch.autograd.functional.jacobian(lambda v: inn(v[None], rev=True)[0][0], z[i]))[1] for i in range(n)]
-    )
+    autodiff = torch.linalg.slogdet(autograd_jacobian(lambda v: inn(v, rev=True)[0], z))[1]
     close(log_det, autodiff)
     if name in VOLUME_PRESERVING:
         close(from_jacobian, dim * H0)

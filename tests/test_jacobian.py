@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 import warnings
 
-import FrEIA.framework as Ff
-import FrEIA.modules as Fm
 import pytest
 import torch
+from conftest import autograd_jacobian, freia_flow
 from torch import Tensor, nn
 
 from lightning_mem import as_decoder, decoder_gram, decoder_jacobian, iter_decoder_jacobians
@@ -18,22 +17,6 @@ MODES = ("auto", "forward", "reverse", "loop")
 ATOL = 1e-10
 LATENT_DIM = 3
 NUM_SAMPLES = 7
-
-
-def autograd_jacobian(decoder, z: Tensor, condition: Tensor | None = None) -> Tensor:
-    """The truth: ``torch.autograd.functional.jacobian`` of one sample at a time, stacked to ``(N, *out, d)``."""
-
-    def first(output):
-        return output[0] if isinstance(output, tuple) else output
-
-    jacobians = []
-    for n in range(z.shape[0]):
-        if condition is None:
-            jacobians.append(torch.autograd.functional.jacobian(lambda v: first(decoder(v[None]))[0], z[n]))
-        else:
-            c = condition[n : n + 1]
-            jacobians.append(torch.autograd.functional.jacobian(lambda v, c=c: first(decoder(v[None], c))[0], z[n]))
-    return torch.stack(jacobians)
 
 
 class ConditionalDecoder(nn.Module):
@@ -269,10 +252,7 @@ def test_create_graph_gradient_equals_autograd_for_nonlinear_decoder(mode, case)
     jacobian = decoder_jacobian(decoder, z, mode=mode, create_graph=True)
     got = torch.autograd.grad(jacobian.square().sum(), weights)
 
-    def one(v):
-        return decoder(v[None])[0]
-
-    truth = torch.stack([torch.autograd.functional.jacobian(one, z[n], create_graph=True) for n in range(len(z))])
+    truth = autograd_jacobian(decoder, z, create_graph=True)
     expected = torch.autograd.grad(truth.square().sum(), weights)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
@@ -306,15 +286,7 @@ def test_decoder_gram_of_float32_decoder_is_float64():
 
 
 def conditional_inn(dim: int, condition_dim: int) -> nn.Module:
-    def subnet(c_in, c_out):
-        return nn.Sequential(nn.Linear(c_in, 16), nn.Tanh(), nn.Linear(16, c_out))
-
-    torch.manual_seed(9)
-    inn = Ff.SequenceINN(dim)
-    for seed in range(2):
-        inn.append(Fm.AllInOneBlock, cond=0, cond_shape=(condition_dim,), subnet_constructor=subnet, global_affine_init=0.8)
-        inn.append(Fm.PermuteRandom, seed=seed)
-    return inn.double()
+    return freia_flow(dim, "AllInOneBlock", 2, seed=9, permute_seeds=range(2), condition_dim=condition_dim, global_affine_init=0.8)
 
 
 @pytest.mark.parametrize("mode", MODES)

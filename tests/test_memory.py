@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from torch import nn
 
@@ -98,6 +99,7 @@ def _peak_growth(n: int, chunk_size: int | None) -> int:
     return int(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_peak_memory_is_set_by_chunk_size_not_by_the_number_of_samples():
     full_jacobian = 1024 * 4096 * 32 * 4  # 512 MiB for N = 1024
     small = _peak_growth(64, 16)

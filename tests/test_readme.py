@@ -3,9 +3,12 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_usage_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the Trainer example writes its TensorBoard run into ./runs
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
