@@ -1,9 +1,12 @@
 """lightning_mem: manifold entropic metrics of generative models' latent spaces, for PyTorch and Lightning."""
 
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+
 from lightning_mem import functional
 from lightning_mem.decoders import as_decoder
 from lightning_mem.functional.gram import decoder_gram
-from lightning_mem.jacobian import decoder_jacobian, iter_decoder_jacobian_columns, iter_decoder_jacobians
+from lightning_mem.jacobian import DecoderStateError, decoder_jacobian, iter_decoder_jacobian_columns, iter_decoder_jacobians
 from lightning_mem.metrics import (
     ManifoldCrossMutualInformation,
     ManifoldEntropicMetrics,
@@ -12,7 +15,10 @@ from lightning_mem.metrics import (
     ManifoldTotalCorrelation,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("lightning_mem")  # the one place it is written is pyproject.toml
+except _PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 
 def __getattr__(name: str) -> object:
@@ -25,6 +31,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "DecoderStateError",
     "ManifoldCrossMutualInformation",
     "ManifoldEntropicMetrics",
     "ManifoldEntropicMetricsCallback",
