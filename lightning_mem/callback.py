@@ -78,9 +78,17 @@ class ManifoldEntropicMetricsCallback(Callback):
     and faults are explained in ``docs/callback.md``.
 
     Args:
-        decoder: attribute or method name of the decoder on the module, or a callable ``(pl_module, z[, condition])
-            -> x``; default ``"decoder"``, then ``"decode"`` (see :func:`lightning_mem.decoders.resolve_decoder`).
-        latent_dim: latent size ``d``; default ``pl_module.latent_dim`` or ``hparams.latent_dim``.
+        decoder: attribute or method path of the decoder on the module (dotted: ``"model.decode"``), or a callable
+            ``(pl_module, z[, condition]) -> x``; default: ``decoder``, ``decode``, ``generator``, ``dec``,
+            ``model.decoder``, ``model.decode``, ... then a FrEIA, zuko or normflows flow at ``flow``, ``inn``, ``model``
+            (the order is :func:`lightning_mem.decoders.resolve_decoder`'s; a flow is used in its sampling direction).
+        latent_dim: latent size ``d``; default ``pl_module.latent_dim`` (or ``latent_size``, ``latent_dims``, ``z_dim``,
+            ``nz``), ``hparams.latent_dim`` and so on, or what the decoder tells (see
+            :func:`lightning_mem.decoders.resolve_latent_dim`).
+        output_key: for a decoder returning a mapping (e.g. pythae's ``ModelOutput``) the key of the output to measure,
+            for one returning a tuple its index; a distribution output is measured at its ``.mean`` (see
+            :func:`lightning_mem.jacobian.decoder_output`).
+        latent_shape: the shape of one latent as the decoder takes it, e.g. ``(100, 1, 1)`` for a DCGAN generator.
         num_samples: latents drawn from :math:`N(0, I_d)` with the callback's own generator (seed ``seed``).
         latents: a fixed ``(N, d)`` tensor, or a callable ``(trainer, pl_module) -> z`` (or ``-> (z, conditions)``).
         conditions: for conditional decoders: a tensor ``(N, ...)``, or a callable ``labels -> conditions``.
@@ -109,8 +117,10 @@ class ManifoldEntropicMetricsCallback(Callback):
 
     Raises:
         ValueError, TypeError: for invalid arguments.
-        MisconfigurationException: in ``setup``, when the module has no decoder, the latent size is unknown, or there
-            are fewer latents than processes.
+        MisconfigurationException: in ``setup``, before training starts, when the module has no decoder, the latent
+            size is unknown, there are fewer latents than processes, or the decoder fails a test call at two of the
+            latents (it raises, returns no tensor or NaN, not one output per latent, or nothing differentiable; skipped
+            for a callable ``latents``).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -144,6 +154,8 @@ class ManifoldEntropicMetricsCallback(Callback):
         *,
         decoder: str | Callable[..., Any] | None = None,
         latent_dim: int | None = None,
+        output_key: str | int | None = None,
+        latent_shape: Sequence[int] | None = None,
         num_samples: int = 256,
         latents: Tensor | Callable[[Trainer, LightningModule], Any] | None = None,
         conditions: Tensor | Callable[[Tensor], Tensor] | None = None,
@@ -220,6 +232,8 @@ class ManifoldEntropicMetricsCallback(Callback):
         self._tracker = DecoderTracker(
             decoder=decoder,
             latent_dim=latent_dim,
+            output_key=output_key,
+            latent_shape=latent_shape,
             num_samples=num_samples,
             latents=latents,
             conditions=conditions,
@@ -258,8 +272,9 @@ class ManifoldEntropicMetricsCallback(Callback):
         if stage != "fit":
             return
         try:
-            resolve_decoder(pl_module, self.decoder)
-            self.latent_dim = resolve_latent_dim(pl_module, self.latent_dim, self.latents if isinstance(self.latents, Tensor) else None)
+            resolved = self._tracker.resolve(pl_module)
+            latents, latent_shape = self.latents if isinstance(self.latents, Tensor) else None, self._tracker.latent_shape
+            self.latent_dim = resolve_latent_dim(pl_module, self.latent_dim, latents, resolved=resolved, latent_shape=latent_shape)
         except (ValueError, TypeError) as error:
             raise MisconfigurationException(f"ManifoldEntropicMetricsCallback: {error}") from error
         if self.sigma is not None and self.sigma.numel() != self.latent_dim:
@@ -274,6 +289,10 @@ class ManifoldEntropicMetricsCallback(Callback):
             )
         # every fit starts a fresh run (a resumed one gets its state back from `load_state_dict`, which comes later)
         self._tracker.setup(self.latent_dim)
+        try:
+            self._tracker.probe(trainer, pl_module)  # fail fast: the decoder once at two latents, before training starts
+        except (ValueError, TypeError) as error:
+            raise MisconfigurationException(f"ManifoldEntropicMetricsCallback: {error}") from error
         self._tracker.previous = self._tracker.previous_jacobians = None
         self.history, self.last_metrics, self.num_failed, self._last_step = [], {}, 0, None
         self._ready = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -21,7 +22,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(size) for size in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, such as 100,1,1, got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, such as 100,1,1, got {text!r}")
+    return shape
+
+
+def _output_key(text: str) -> str | int:
+    """An integer selects from a tuple output, anything else is a mapping key."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _parser() -> argparse.ArgumentParser:
+    from lightning_mem._checks import JACOBIAN_MODES
     from lightning_mem.demo import MODELS
     from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD
 
@@ -53,8 +73,29 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="output folder (default: <checkpoint stem>_mem next to the checkpoint)")
     evaluate.add_argument("--num-samples", type=_positive_int, default=1024, help="prior samples (default: 1024)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the latent samples (default: 0)")
-    evaluate.add_argument("--decoder", default=None, help="decoder attribute or method (default: decoder, then decode)")
-    evaluate.add_argument("--latent-dim", type=_positive_int, default=None, help="latent size (default: module.latent_dim)")
+    evaluate.add_argument(
+        "--decoder",
+        default=None,
+        help="decoder attribute or method path, dotted paths allowed, e.g. model.decode (default: decoder, decode, generator, dec, "
+        "model.decoder, model.decode, ..., then a FrEIA, zuko or normflows flow at flow, inn, model)",
+    )
+    evaluate.add_argument("--latent-dim", type=_positive_int, default=None, help="latent size (default: module.latent_dim and similar)")
+    evaluate.add_argument(
+        "--latent-shape", type=_shape, default=None, help="shape of one latent as the decoder takes it, e.g. 100,1,1 for a DCGAN generator"
+    )
+    evaluate.add_argument(
+        "--output-key",
+        type=_output_key,
+        default=None,
+        help="key of the decoder's mapping output to measure (e.g. reconstruction), or index of its tuple output (e.g. 0)",
+    )
+    evaluate.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        default=None,
+        help="conditional decoder (z, labels) -> x: latent n gets label n %% K, metrics averaged over the K classes",
+    )
+    evaluate.add_argument("--mode", choices=JACOBIAN_MODES, default="auto", help="Jacobian mode (default: auto)")
     evaluate.add_argument("--chunk-size", type=_positive_int, default=64, help="samples differentiated at once (default: 64)")
     evaluate.add_argument(
         "--active-threshold",
@@ -94,6 +135,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from lightning_mem.evaluate import evaluate_checkpoint, format_metrics
 
+    if os.getcwd() not in sys.path:  # `--module-class ae_mod:AE` imports from the working directory, as `python -m` would
+        sys.path.insert(0, os.getcwd())
     try:
         report = evaluate_checkpoint(
             args.checkpoint,
@@ -103,13 +146,18 @@ def _evaluate(args: argparse.Namespace) -> int:
             seed=args.seed,
             decoder=args.decoder,
             latent_dim=args.latent_dim,
+            latent_shape=args.latent_shape,
+            output_key=args.output_key,
+            num_classes=args.num_classes,
+            mode=args.mode,
             chunk_size=args.chunk_size,
             double=args.double,
             active_threshold=args.active_threshold,
             progress=not args.no_progress_bar,
         )
     except (FileNotFoundError, ImportError, TypeError, ValueError, RuntimeError) as error:
-        print(f"{_PROG} evaluate: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line
+        print(f"{_PROG} evaluate: error: {message}", file=sys.stderr)
         return 2
     print(format_metrics(report, title=f"Manifold entropic metrics of {report['checkpoint']} ({report['num_samples']} prior samples):"))
     print()

@@ -3,32 +3,107 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
+from torch.distributions import Distribution, Independent, Normal
 from torch.func import functional_call
 
-from lightning_mem.jacobian import call_decoder
+from lightning_mem.jacobian import OutputKey, call_decoder, check_latent_shape, check_output_key
 
 __all__ = [
     "DEFAULT_DECODER_NAMES",
+    "FLOW_NAMES",
+    "LATENT_DIM_NAMES",
     "InvertibleDecoder",
+    "NormflowsDecoder",
     "ResolvedDecoder",
+    "ZukoFlowDecoder",
     "as_decoder",
     "buffer_names",
     "decoder_with_state",
     "is_invertible_network",
+    "is_known_flow",
     "resolve_decoder",
     "resolve_latent_dim",
     "state_snapshot",
 ]
 
-DEFAULT_DECODER_NAMES = ("decoder", "decode")
-"""Attribute or method names searched, in order, for a module's decoder."""
+DEFAULT_DECODER_NAMES = (
+    "decoder",
+    "decode",
+    "generator",
+    "dec",
+    "model.decoder",
+    "model.decode",
+    "model.generator",
+    "vae.decoder",
+    "vae.decode",
+    "net.decoder",
+    "net.decode",
+)
+"""Attribute or method paths searched, in order, for a module's decoder (a non-callable attribute is passed over)."""
 
-LATENT_DIM_NAMES = ("latent_dim",)
-"""Attribute (or hyperparameter) names searched, in order, for a module's latent size."""
+FLOW_NAMES = ("flow", "inn", "model", "net")
+"""Attribute paths searched next, in order, for a known flow (FrEIA, zuko, normflows), used through :func:`as_decoder`."""
+
+LATENT_DIM_NAMES = ("latent_dim", "latent_size", "latent_dims", "z_dim", "nz")
+"""Attribute (or hyperparameter) names searched, in order, for the latent size: on the module and its ``hparams``,
+then on the objects along the decoder's path and the module that owns the decoder."""
+
+
+# ---------------------------------------------------------------- known flows
+
+
+def _freia_invertible_module() -> type | None:
+    try:
+        from FrEIA.modules import InvertibleModule
+    except ModuleNotFoundError:  # FrEIA is an optional dependency
+        return None
+    return InvertibleModule
+
+
+def _zuko_lazy_distribution() -> type | None:
+    try:
+        from zuko.lazy import LazyDistribution
+    except ModuleNotFoundError:  # zuko is an optional dependency
+        return None
+    return LazyDistribution
+
+
+def _normflows_flow() -> type | None:
+    try:
+        from normflows import NormalizingFlow
+    except ModuleNotFoundError:  # normflows is an optional dependency
+        return None
+    return NormalizingFlow
+
+
+def is_invertible_network(module: object) -> bool:
+    """True for a FrEIA invertible network (its decoder direction is the reverse pass)."""
+    invertible = _freia_invertible_module()
+    return invertible is not None and isinstance(module, invertible)
+
+
+def is_known_flow(module: object) -> bool:
+    """True for a flow :func:`as_decoder` knows: a FrEIA invertible network, a zuko lazy flow, a normflows ``NormalizingFlow``."""
+    kinds = [kind for kind in (_freia_invertible_module(), _zuko_lazy_distribution(), _normflows_flow()) if kind is not None]
+    return isinstance(module, tuple(kinds))
+
+
+def _standard_normal_to_base(base: Distribution, name: str) -> tuple[Tensor, Tensor]:
+    """``(loc, scale)`` of a diagonal Gaussian base distribution (``Normal``, or ``Independent`` of one)."""
+    inner = base
+    while isinstance(inner, Independent):
+        inner = inner.base_dist
+    if not isinstance(inner, Normal):
+        raise TypeError(
+            f"Expected {name}'s base distribution to be a diagonal Gaussian (the metrics are taken w.r.t. standard-normal latents), "
+            f"but got {type(base).__name__}. Pass a decoder of your own: `decoder=lambda module, z: ...`."
+        )
+    return inner.loc, inner.scale
 
 
 class InvertibleDecoder(nn.Module):
@@ -38,26 +113,109 @@ class InvertibleDecoder(nn.Module):
         super().__init__()
         self.inn = inn
 
+    @property
+    def latent_dim(self) -> int | None:
+        """The size of the network's (single) input, when it says."""
+        dims = getattr(self.inn, "dims_in", None)
+        return math.prod(dims[0]) if isinstance(dims, list) and len(dims) == 1 else None
+
     def forward(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         conditions = [] if condition is None else [condition]
         return self.inn(z, c=conditions, rev=True, jac=False)[0]
 
 
-def as_decoder(inn: nn.Module) -> InvertibleDecoder:
-    """Wrap an invertible network so that it can be used as a decoder ``z -> x``.
+class ZukoFlowDecoder(nn.Module):
+    r"""Decoder view of a zuko lazy flow (``zuko.flows.NSF``, ``MAF``, any ``zuko.lazy.Flow``): its sampling direction.
 
-    The decoder direction of a normalizing flow is its reverse pass: ``x = inn(z, rev=True)[0]``.
-    A condition, if given to the decoder, is passed on as ``c=[condition]``.
+    A zuko flow ``flow(c)`` is the distribution of :math:`x = f^{-1}(u)` with :math:`u` from the base distribution
+    :math:`N(\mu, \mathrm{diag}\,\sigma^2)`; the decoder is :math:`\varepsilon \mapsto f^{-1}(\mu + \sigma \varepsilon)`,
+    so the metrics are taken w.r.t. standard-normal :math:`\varepsilon` (for zuko's default base, :math:`\mu = 0`,
+    :math:`\sigma = 1`, that is :math:`u` itself).
+    """
+
+    def __init__(self, flow: nn.Module) -> None:
+        super().__init__()
+        self.flow = flow
+
+    @property
+    def latent_dim(self) -> int | None:
+        """The size of the base distribution's event, when it does not need a context."""
+        flow: Any = self.flow
+        try:
+            event_shape = flow.base(None).event_shape
+        except Exception:  # a conditional base needs its context
+            return None
+        return math.prod(event_shape) if event_shape else None
+
+    def forward(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        distribution = self.flow(condition)
+        loc, scale = _standard_normal_to_base(distribution.base, type(self.flow).__name__)
+        return distribution.transform.inv(loc + scale * z.reshape(z.shape[0], *loc.shape[-1:]))
+
+
+class NormflowsDecoder(nn.Module):
+    r"""Decoder view of a normflows ``NormalizingFlow``: its sampling direction ``flow.forward`` from the base ``q0``.
+
+    normflows' ``DiagGaussian`` base is :math:`N(\mu, \mathrm{diag}\,\sigma^2)` with learnable :math:`\mu` and
+    :math:`\log\sigma` (and an optional ``temperature``); the decoder is
+    :math:`\varepsilon \mapsto \mathrm{flow.forward}(\mu + \sigma \varepsilon)`, so the latents are the model's own
+    prior and the metrics are taken w.r.t. standard-normal :math:`\varepsilon` (the convention of ``sigma``). The
+    flat latent ``(N, d)`` is reshaped to the base's shape (e.g. an image flow's ``(C, H, W)``).
+    """
+
+    def __init__(self, flow: nn.Module) -> None:
+        super().__init__()
+        self.flow = flow
+
+    @property
+    def latent_dim(self) -> int | None:
+        """The size of the base distribution's sample."""
+        shape = getattr(self.flow.q0, "shape", None)
+        return math.prod(shape) if isinstance(shape, tuple) and shape else None
+
+    def _base(self) -> tuple[Tensor, Tensor]:
+        from normflows.distributions import DiagGaussian  # a NormflowsDecoder exists only where normflows is installed
+
+        q0 = self.flow.q0
+        if not isinstance(q0, DiagGaussian):
+            raise TypeError(
+                f"Expected the normflows flow's base distribution `q0` to be a DiagGaussian (the metrics are taken w.r.t. "
+                f"standard-normal latents), but got {type(q0).__name__}. Pass a decoder of your own: `decoder=lambda module, z: ...`."
+            )
+        log_scale = q0.log_scale if q0.temperature is None else q0.log_scale + math.log(q0.temperature)
+        return q0.loc, log_scale.exp()
+
+    def forward(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        loc, scale = self._base()
+        u = loc + scale * z.reshape(z.shape[0], *loc.shape[1:])
+        return self.flow.forward(u) if condition is None else self.flow.forward(u, context=condition)
+
+
+def as_decoder(flow: nn.Module) -> nn.Module:
+    """Wrap an invertible network or a normalizing flow so that it can be used as a decoder ``z -> x``.
+
+    The decoder is the flow's sampling direction:
+
+    - a FrEIA network (``SequenceINN``, ``GraphINN``, or any module with FrEIA's calling convention): its reverse pass
+      ``x = inn(z, c=[condition], rev=True)[0]`` (:class:`InvertibleDecoder`);
+    - a zuko flow (``zuko.flows.NSF``, ``MAF``, ... any ``zuko.lazy.Flow``): the inverse transform of the flow's
+      distribution applied to base samples (:class:`ZukoFlowDecoder`);
+    - a normflows ``NormalizingFlow``: its ``forward`` applied to base samples (:class:`NormflowsDecoder`).
+
+    A zuko or normflows base distribution :math:`N(\\mu, \\mathrm{diag}\\,\\sigma^2)` that is not :math:`N(0, I)`
+    (e.g. normflows' learnable ``DiagGaussian``) is folded into the decoder, ``eps -> g(mu + sigma * eps)``: standard
+    normal latents are then draws from the model's own prior, and the metrics are w.r.t. the standard-normal ``eps``
+    (as with ``sigma`` elsewhere). Other base distributions raise a ``TypeError`` when the decoder is called.
 
     Args:
-        inn: an invertible network whose ``forward`` takes ``(x_or_z, c=..., rev=..., jac=...)`` and returns
-            ``(output, log_jac_det)``, as FrEIA's ``SequenceINN`` and ``GraphINN`` do.
+        flow: the network or flow; a condition given to the decoder is passed on as its context.
 
     Returns:
-        An ``nn.Module`` sharing ``inn``'s parameters (train/eval mode follows ``inn``'s own).
+        An ``nn.Module`` sharing ``flow``'s parameters (train/eval mode follows ``flow``'s own); its ``latent_dim``
+        is the flow's latent size where the flow tells it.
 
     Raises:
-        TypeError: if ``inn`` is not an ``nn.Module``.
+        TypeError: if ``flow`` is not an ``nn.Module``.
 
     Example:
         >>> import FrEIA.modules as Fm
@@ -70,60 +228,127 @@ def as_decoder(inn: nn.Module) -> InvertibleDecoder:
         >>> inn = Ff.SequenceINN(4)
         >>> inn.append(Fm.AllInOneBlock, subnet_constructor=subnet)
         >>> decoder = as_decoder(inn)
-        >>> decoder_jacobian(decoder, torch.randn(3, 4)).shape
-        torch.Size([3, 4, 4])
+        >>> decoder_jacobian(decoder, torch.randn(3, 4)).shape, decoder.latent_dim
+        (torch.Size([3, 4, 4]), 4)
 
     References:
         L. Ardizzone et al., *Framework for Easily Invertible Architectures (FrEIA)*, 2018-2022.
+        F. Rozet et al., *Zuko: normalizing flows in PyTorch*, 2022.
+        V. Stimper et al., *normflows: A PyTorch Package for Normalizing Flows*, JOSS 8(86), 2023.
     """
-    if not isinstance(inn, nn.Module):
-        raise TypeError(f"Expected `inn` to be a torch.nn.Module (an invertible network), but got {type(inn).__name__}.")
-    return InvertibleDecoder(inn)
+    if not isinstance(flow, nn.Module):
+        raise TypeError(f"Expected `inn` to be a torch.nn.Module (an invertible network or flow), but got {type(flow).__name__}.")
+    if isinstance(flow, (InvertibleDecoder, ZukoFlowDecoder, NormflowsDecoder)):
+        return flow
+    zuko_flow, normflows_flow = _zuko_lazy_distribution(), _normflows_flow()
+    if zuko_flow is not None and isinstance(flow, zuko_flow):
+        return ZukoFlowDecoder(flow)
+    if normflows_flow is not None and isinstance(flow, normflows_flow):
+        return NormflowsDecoder(flow)
+    return InvertibleDecoder(flow)
 
 
-def is_invertible_network(module: object) -> bool:
-    """True for a FrEIA invertible network (its decoder direction is the reverse pass)."""
-    try:
-        from FrEIA.modules import InvertibleModule
-    except ModuleNotFoundError:  # FrEIA is an optional dependency
-        return False
-    return isinstance(module, InvertibleModule)
+# ---------------------------------------------------------------- the resolver
 
 
 class ResolvedDecoder(NamedTuple):
-    """A decoder ``(z[, condition]) -> x`` found on a module, with the module that owns its weights."""
+    """A decoder ``(z[, condition]) -> x`` found on a module, with the module that owns its weights.
+
+    ``latent_dim`` is the latent size the decoder itself tells (a flow's base, ``latent_shape``, a size attribute on
+    the objects along its path, an ``nn.Sequential`` decoder's first ``nn.Linear``), or ``None``.
+    """
 
     function: Callable[..., Any]
     owner: nn.Module
     name: str
+    latent_dim: int | None = None
 
 
-def resolve_decoder(module: nn.Module, decoder: str | Callable[..., Any] | None = None) -> ResolvedDecoder:
+def _lookup(module: nn.Module, path: str) -> tuple[Any, list[Any], str | None]:
+    """Follow a dotted ``path`` from ``module``: ``(found or None, the objects along the way, the missing part)``."""
+    found: Any = module
+    parents: list[Any] = []
+    for part in path.split("."):
+        parents.append(found)
+        found = getattr(found, part, None)
+        if found is None:
+            return None, parents, part
+    return found, parents, None
+
+
+def _size_attribute(source: Any) -> int | None:
+    """The first positive int among :data:`LATENT_DIM_NAMES` on ``source``, if any."""
+    for name in LATENT_DIM_NAMES:
+        value = getattr(source, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+    return None
+
+
+def _first_linear_inputs(decoder: Any) -> int | None:
+    """``in_features`` of an ``nn.Sequential`` decoder's first layer when it is an ``nn.Linear`` (nested Sequentials too)."""
+    while isinstance(decoder, nn.Sequential) and len(decoder) > 0:
+        decoder = decoder[0]
+    return decoder.in_features if isinstance(decoder, nn.Linear) else None
+
+
+def _adapt(function: Callable[..., Any], latent_shape: tuple[int, ...] | None, output_key: OutputKey | None) -> Callable[..., Any]:
+    if latent_shape is None and output_key is None:
+        return function  # the engine adapts distribution and single-tensor mapping outputs by itself
+
+    def decode(z: Tensor, *condition: Tensor) -> Tensor:
+        return call_decoder(function, z, *condition, latent_shape=latent_shape, output_key=output_key)
+
+    return decode
+
+
+def resolve_decoder(
+    module: nn.Module,
+    decoder: str | Callable[..., Any] | None = None,
+    *,
+    output_key: OutputKey | None = None,
+    latent_shape: Sequence[int] | None = None,
+) -> ResolvedDecoder:
     """Find a module's decoder: the one place that turns a module and a decoder spec into ``(z[, condition]) -> x``.
+
+    Search order without ``decoder``: the paths of :data:`DEFAULT_DECODER_NAMES` (``decoder``, ``decode``,
+    ``generator``, ``dec``, ``model.decoder``, ``model.decode``, ``model.generator``, ``vae.decoder``, ``vae.decode``,
+    ``net.decoder``, ``net.decode``; the first callable one wins), then :data:`FLOW_NAMES` (``flow``, ``inn``,
+    ``model``, ``net``) where they hold a known flow. A known flow (FrEIA, zuko, normflows) found on any path is used
+    through :func:`as_decoder`, its sampling direction.
 
     Args:
         module: the model (e.g. a LightningModule).
-        decoder: the attribute or method name of the decoder, or a callable ``(module, z) -> x`` /
-            ``(module, z, condition) -> x``; ``None`` searches :data:`DEFAULT_DECODER_NAMES` in order. A FrEIA
-            invertible network found by name is used through :func:`as_decoder` (its reverse pass).
+        decoder: the attribute or method path of the decoder (dotted: ``"model.decode"``, ``"vae.decoder"``), or a
+            callable ``(module, z) -> x`` / ``(module, z, condition) -> x``; ``None`` searches as above.
+        output_key: which part of a mapping or tuple output to measure (see :func:`lightning_mem.jacobian.decoder_output`).
+        latent_shape: the shape of one latent as the decoder takes it, e.g. ``(100, 1, 1)``; the returned function
+            takes flat ``(N, d)`` latents.
 
     Returns:
         :class:`ResolvedDecoder`: ``function``; ``owner``, the module holding its weights (the decoder itself when it
-        is a module, else ``module``); ``name``, for reports.
+        is a module, the module of a bound method, else ``module``); ``name``, for reports; ``latent_dim``, the latent
+        size the decoder tells, if any.
 
     Raises:
-        TypeError: if ``decoder`` is neither a name, a callable nor ``None``, or the attribute is not callable.
-        ValueError: if ``module`` has no such attribute.
+        TypeError: if ``decoder`` is neither a path, a callable nor ``None``, the attribute is not callable, or
+            ``output_key`` is not a str or int.
+        ValueError: if ``module`` has no such attribute (the message names the missing part), or ``latent_shape`` is
+            not a tuple of positive ints.
 
     Example:
         >>> class Autoencoder(nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
-        ...         self.decoder = nn.Linear(2, 4)
+        ...         self.model = nn.Module()
+        ...         self.model.decoder = nn.Linear(2, 4)
         >>> resolved = resolve_decoder(Autoencoder())
-        >>> resolved.name, type(resolved.owner).__name__
-        ('decoder', 'Linear')
+        >>> resolved.name, type(resolved.owner).__name__, resolved.latent_dim
+        ('model.decoder', 'Linear', 2)
     """
+    check_output_key(output_key)
+    shape = check_latent_shape(latent_shape)
+    shape_dim = None if shape is None else math.prod(shape)
     if decoder is not None and not isinstance(decoder, str):
         if not callable(decoder):
             raise TypeError(
@@ -131,49 +356,107 @@ def resolve_decoder(module: nn.Module, decoder: str | Callable[..., Any] | None 
             )
         function = decoder
         name = getattr(function, "__qualname__", type(function).__name__)
-        return ResolvedDecoder(lambda z, *condition: function(module, z, *condition), module, name)
-    names = (decoder,) if isinstance(decoder, str) else DEFAULT_DECODER_NAMES
-    for name in names:
-        found = getattr(module, name, None)
-        if found is None:
-            continue
-        if is_invertible_network(found):
-            found = as_decoder(found)
-        if isinstance(found, nn.Module):
-            return ResolvedDecoder(found, found, name)
-        if callable(found):
-            return ResolvedDecoder(found, module, name)
-        raise TypeError(
-            f"Expected `{type(module).__name__}.{name}` to be a decoder z -> x, but it is a {type(found).__name__}. "
-            "Pass `decoder=` the name of a module or method z -> x, or a callable (module, z) -> x."
-        )
-    tried = " or ".join(f"`{name}`" for name in names)
+        return ResolvedDecoder(_adapt(lambda z, *c: function(module, z, *c), shape, output_key), module, name, shape_dim)
+    if isinstance(decoder, str):
+        found, parents, missing = _lookup(module, decoder)
+        if missing is not None:
+            where = "it has none" if len(parents) == 1 else f"`{'.'.join(decoder.split('.')[: len(parents) - 1])}` has no `{missing}`"
+            raise ValueError(
+                f"Expected {type(module).__name__} to expose a decoder z -> x as an attribute or method `{decoder}`, but {where}. "
+                "Name the decoder's path: `decoder='name_of_your_decoder'` (dotted paths such as 'model.decode' work; "
+                "--decoder on the command line), or pass `decoder=lambda module, z: ...`."
+            )
+        if not callable(found):
+            raise TypeError(
+                f"Expected `{type(module).__name__}.{decoder}` to be a decoder z -> x, but it is a {type(found).__name__}. "
+                "Pass `decoder=` the path of a module or method z -> x, or a callable (module, z) -> x."
+            )
+        return _resolved(found, parents, module, decoder, shape, output_key)
+    for path in DEFAULT_DECODER_NAMES:
+        found, parents, missing = _lookup(module, path)
+        if missing is None and callable(found):
+            return _resolved(found, parents, module, path, shape, output_key)
+    for path in FLOW_NAMES:
+        found, parents, missing = _lookup(module, path)
+        if missing is None and is_known_flow(found):
+            return _resolved(found, parents, module, path, shape, output_key)
     raise ValueError(
-        f"Expected {type(module).__name__} to expose a decoder z -> x as an attribute or method {tried}, but it has none. "
-        "Add a `self.decoder` module (or a `decode(z)` method), or name it: `decoder='name_of_your_decoder'` "
-        "(--decoder on the command line) or `decoder=lambda module, z: ...`."
+        f"Expected {type(module).__name__} to expose a decoder z -> x as an attribute or method `decoder` or `decode` "
+        f"(also searched: {', '.join(f'`{name}`' for name in DEFAULT_DECODER_NAMES[2:])}, and a FrEIA, zuko or normflows flow "
+        f"at {', '.join(f'`{name}`' for name in FLOW_NAMES)}), but it has none. Add a `self.decoder` module (or a `decode(z)` "
+        "method), or name it: `decoder='name_of_your_decoder'` (dotted paths such as 'model.decode' work; --decoder on the "
+        "command line) or `decoder=lambda module, z: ...`."
     )
 
 
-def resolve_latent_dim(module: nn.Module, latent_dim: int | None = None, latents: Tensor | None = None) -> int:
-    """The latent size: ``latent_dim`` if given, else ``module.latent_dim``, ``module.hparams.latent_dim``, or the
-    width of ``latents``.
+def _resolved(
+    found: Any,
+    parents: list[Any],
+    module: nn.Module,
+    name: str,
+    latent_shape: tuple[int, ...] | None,
+    output_key: OutputKey | None,
+) -> ResolvedDecoder:
+    """The :class:`ResolvedDecoder` of ``found`` (reached from ``module`` through ``parents``)."""
+    if is_known_flow(found):
+        found = as_decoder(found)
+    if isinstance(found, nn.Module):
+        owner = found
+    else:
+        bound_to = getattr(found, "__self__", None)
+        owner = bound_to if isinstance(bound_to, nn.Module) else module
+    latent_dim: int | None
+    if latent_shape is not None:
+        latent_dim = math.prod(latent_shape)
+    else:
+        told = getattr(found, "latent_dim", None) if isinstance(found, (InvertibleDecoder, ZukoFlowDecoder, NormflowsDecoder)) else None
+        sources = [*parents[1:], owner] if owner is not module else parents[1:]
+        latent_dim = told or next((size for size in map(_size_attribute, sources) if size is not None), None)
+        latent_dim = latent_dim or _first_linear_inputs(found)
+    return ResolvedDecoder(_adapt(found, latent_shape, output_key), owner, name, latent_dim)
+
+
+def resolve_latent_dim(
+    module: nn.Module,
+    latent_dim: int | None = None,
+    latents: Tensor | None = None,
+    *,
+    resolved: ResolvedDecoder | None = None,
+    latent_shape: Sequence[int] | None = None,
+) -> int:
+    """The latent size ``d``, from the first that says, in this order.
+
+    ``latent_dim``; the product of ``latent_shape``; an attribute of :data:`LATENT_DIM_NAMES` (``latent_dim``,
+    ``latent_size``, ``latent_dims``, ``z_dim``, ``nz``) on ``module``, then in ``module.hparams``; what the resolved
+    decoder tells (:attr:`ResolvedDecoder.latent_dim`: a flow's base, the same names along the decoder's path and on
+    its owner, an ``nn.Sequential`` decoder's first ``nn.Linear``); the width of ``latents``.
 
     Raises:
-        ValueError: if none is known, it is not a positive int, or it disagrees with ``latents``.
+        ValueError: if none is known, a value found is not a positive int, or sizes disagree (``latent_dim`` with
+            ``latent_shape``, or either with ``latents``).
     """
+    shape = check_latent_shape(latent_shape)
     hparams = getattr(module, "hparams", None)
-    candidates = [latent_dim]
+    candidates: list[tuple[str, Any]] = [("`latent_dim`", latent_dim)]
+    if shape is not None:
+        candidates.append(("`latent_shape`", math.prod(shape)))
     for name in LATENT_DIM_NAMES:
-        candidates.append(getattr(module, name, None))
-        candidates.append(hparams.get(name) if isinstance(hparams, Mapping) else getattr(hparams, name, None))
+        candidates.append((f"`{type(module).__name__}.{name}`", getattr(module, name, None)))
+        candidates.append((f"`hparams.{name}`", hparams.get(name) if isinstance(hparams, Mapping) else getattr(hparams, name, None)))
+    if resolved is not None:
+        candidates.append((f"the decoder `{resolved.name}`", resolved.latent_dim))
     if latents is not None:
-        candidates.append(latents.shape[1])
-    for value in candidates:
+        candidates.append(("`latents`", latents.shape[1]))
+    for source, value in candidates:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected the latent size `latent_dim` to be a positive int, but got {value!r}.")
+            raise ValueError(
+                f"Expected the latent size {source} to be a positive int, but got {value!r}. Pass `latent_dim=...` "
+                "(--latent-dim on the command line)."
+            )
+        if shape is not None and math.prod(shape) != value:
+            raise ValueError(f"Expected `latent_shape` with {value} entries in all (the latent size), but got {shape}.")
         if latents is not None and latents.shape[1] != value:
             raise ValueError(f"Expected `latents` of shape (N, {value}) (the latent size), but got {tuple(latents.shape)}.")
         return value
@@ -182,6 +465,9 @@ def resolve_latent_dim(module: nn.Module, latent_dim: int | None = None, latents
         "(--latent-dim on the command line), set `self.latent_dim` in the module, or call `self.save_hyperparameters()` "
         "with a `latent_dim` argument."
     )
+
+
+# ---------------------------------------------------------------- state
 
 
 def state_snapshot(module: nn.Module) -> dict[str, Tensor]:

@@ -7,7 +7,8 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from lightning_mem._checks import check_positive_int
 from lightning_mem.decoders import resolve_decoder, resolve_latent_dim
 from lightning_mem.evaluation import evaluate_decoder, evaluation_mode, prior_latents
 from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS, entropy_spectrum
+from lightning_mem.jacobian import OutputKey, check_latent_shape, check_output_key, probe_decoder
 from lightning_mem.metrics import ManifoldEntropicMetrics
 from lightning_mem.plotting import save_mutual_information_figure, save_spectrum_figure
 
@@ -36,11 +38,15 @@ def _import_class(module_class: str) -> type:
         raise ValueError(f"Expected `module_class` as 'package.module:ClassName', but got {module_class!r}.")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.split(".")[0] != error.name.split(".")[0]:
+            raise ImportError(f"Could not import `module_class` {module_class!r}: {_where(error)}") from error
         raise ImportError(
             f"Could not import the module {module_name!r} of `module_class` {module_class!r}: {error}. "
             "Is the package installed, or the working directory on sys.path?"
         ) from error
+    except Exception as error:  # the user's module is broken (SyntaxError, an ImportError or any error at import time)
+        raise ImportError(f"Could not import `module_class` {module_class!r}: {_where(error)}") from error
     try:
         cls = getattr(module, class_name)
     except AttributeError as error:
@@ -48,6 +54,16 @@ def _import_class(module_class: str) -> type:
             f"Could not import `module_class` {module_class!r}: module {module_name!r} has no attribute {class_name!r}."
         ) from error
     return cls
+
+
+def _where(error: BaseException) -> str:
+    """One line: the error, with the file and line of the user's code where it happened."""
+    message = str(error.msg if isinstance(error, SyntaxError) else error).splitlines()
+    text = f"{type(error).__name__}: {message[0] if message else ''}"
+    if isinstance(error, SyntaxError) and error.filename is not None:
+        return f"{text} ({error.filename}, line {error.lineno})"
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if not frame.filename.startswith("<frozen")]
+    return f"{text} ({frames[-1].filename}, line {frames[-1].lineno})" if frames else text
 
 
 def load_module(
@@ -87,6 +103,9 @@ def decoder_metrics(
     decoder: Callable,
     z: Tensor,
     *,
+    condition: Tensor | None = None,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
     chunk_size: int = 64,
     mode: str = "auto",
     std: Tensor | float | None = None,
@@ -105,8 +124,11 @@ def decoder_metrics(
     ``progress`` is set.
 
     Args:
-        decoder: callable ``z -> x`` (in eval mode).
+        decoder: callable ``z -> x`` (or ``(z, condition) -> x``), in eval mode.
         z: ``(N, d)`` latents.
+        condition: per-sample condition ``(N, ...)`` of a conditional decoder.
+        labels, num_classes: class labels ``(N,)`` in ``[0, num_classes)``: the metrics are computed per class and
+            averaged over classes.
         chunk_size, mode: as for :func:`lightning_mem.decoder_jacobian`.
         std: data scale, as for :func:`lightning_mem.functional.manifold_entropy`.
         eps: floor on :math:`G_{ii}`.
@@ -129,14 +151,16 @@ def decoder_metrics(
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
     check_positive_int(chunk_size, "chunk_size")
-    metric = ManifoldEntropicMetrics(z.shape[-1], std=std, eps=eps, active_threshold=active_threshold).to(z.device)
+    metric = ManifoldEntropicMetrics(z.shape[-1], std=std, eps=eps, active_threshold=active_threshold, num_classes=num_classes)
+    metric = metric.to(z.device)
 
     def progress_bar(chunks: Iterator[Any], total: int) -> Iterator[Any]:
         from tqdm.auto import tqdm
 
         return iter(tqdm(chunks, total=total, desc="manifold entropic metrics", unit="chunk", leave=False))
 
-    evaluate_decoder(decoder, z, metric, mode=mode, chunk_size=chunk_size, progress=progress_bar if progress else None)
+    bar = progress_bar if progress else None
+    evaluate_decoder(decoder, z, metric, condition=condition, labels=labels, mode=mode, chunk_size=chunk_size, progress=bar)
     return metric.compute()
 
 
@@ -185,6 +209,9 @@ def evaluate_checkpoint(
     seed: int = 0,
     decoder: str | None = None,
     latent_dim: int | None = None,
+    output_key: OutputKey | None = None,
+    latent_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
     chunk_size: int = 64,
     mode: str = "auto",
     double: bool = False,
@@ -206,9 +233,14 @@ def evaluate_checkpoint(
         out_dir: folder for the report and figures.
         num_samples: latent samples ``N`` drawn from the standard-normal prior.
         seed: seed of the latents' own ``torch.Generator`` (the global RNG is not used).
-        decoder: attribute or method name of the decoder (default: ``decoder``, then ``decode``), resolved by
-            :func:`lightning_mem.decoders.resolve_decoder` as the callback does (a FrEIA network: its reverse pass).
-        latent_dim: latent size (default: ``module.latent_dim`` or ``module.hparams.latent_dim``).
+        decoder: attribute or method path of the decoder (dotted: ``"model.decode"``; default: the search of
+            :func:`lightning_mem.decoders.resolve_decoder`, as the callback does; a FrEIA, zuko or normflows flow: its
+            sampling direction).
+        latent_dim: latent size (default: found as :func:`lightning_mem.decoders.resolve_latent_dim` finds it).
+        output_key: the key of a mapping output or the index of a tuple output to measure.
+        latent_shape: the shape of one latent as the decoder takes it, e.g. ``(100, 1, 1)``.
+        num_classes: a conditional decoder ``(z, labels) -> x``: the latent ``n`` gets the label ``n % num_classes``
+            and the metrics are averaged over classes (as the callback does).
         chunk_size: samples differentiated at once (bounds memory).
         mode: Jacobian mode, as for :func:`lightning_mem.decoder_jacobian`.
         double: evaluate the decoder in float64 (the statistics are float64 in any case).
@@ -216,7 +248,7 @@ def evaluate_checkpoint(
         progress: show a progress bar over the Jacobian chunks.
 
     Returns:
-        The report: the metrics of :func:`decoder_metrics` as JSON types, plus ``checkpoint``, ``module_class``,
+        The report, with the metrics of :func:`decoder_metrics` as JSON types, plus ``checkpoint``, ``module_class``,
         ``decoder``, ``latent_dim``, ``num_samples``, ``seed``, ``global_step``, ``wall_time_s`` and ``files``
         (``report``, ``spectrum``, ``pairwise_mutual_information`` paths).
 
@@ -224,8 +256,12 @@ def evaluate_checkpoint(
         FileNotFoundError: missing checkpoint file.
         ImportError: unimportable ``module_class``.
         TypeError: ``module_class`` is not a LightningModule.
-        ValueError: the module has no decoder or no known latent size, or a bad ``num_samples``/``chunk_size``.
+        ValueError: the module has no decoder or no known latent size, ``out_dir`` is not writable, the decoder
+            fails a test call at two latents (the message says why and how to fix it), or a bad number.
         RuntimeError: the checkpoint does not load into the class.
+
+    Everything that can be checked is checked before the Jacobians are computed: the checkpoint loads (the legacy
+    non-zip format too), the output folder is writable, the decoder is found and returns a differentiable tensor.
 
     Example:
         >>> import tempfile, lightning.pytorch as pl
@@ -244,22 +280,35 @@ def evaluate_checkpoint(
     """
     check_positive_int(num_samples, "num_samples")
     check_positive_int(chunk_size, "chunk_size")
+    check_positive_int(num_classes, "num_classes", allow_none=True)
+    check_output_key(output_key)
+    latent_shape = check_latent_shape(latent_shape, latent_dim)
     start = time.perf_counter()
     checkpoint = Path(checkpoint)
     module = load_module(module_class, checkpoint)
     step = torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step")
     if double:
         module = module.double()
-    resolved = resolve_decoder(module, decoder)
-    d = resolve_latent_dim(module, latent_dim)
     out = Path(out_dir) if out_dir is not None else checkpoint.with_name(f"{checkpoint.stem}_mem")
     _check_writable(out)
-    (out / "report.json").unlink(missing_ok=True)  # a run killed from here on leaves no stale report beside new figures
+    resolved = resolve_decoder(module, decoder, output_key=output_key, latent_shape=latent_shape)
+    d = resolve_latent_dim(module, latent_dim, resolved=resolved, latent_shape=latent_shape)
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())
     z = prior_latents(num_samples, d, seed).to(dtype)
+    labels = None if num_classes is None else torch.arange(num_samples) % num_classes
     with evaluation_mode([module]):
+        _probe(resolved.function, z, labels, resolved.name)
+        (out / "report.json").unlink(missing_ok=True)  # a run killed from here on leaves no stale report beside new figures
         metrics = decoder_metrics(
-            resolved.function, z, chunk_size=chunk_size, mode=mode, active_threshold=active_threshold, progress=progress
+            resolved.function,
+            z,
+            condition=labels,
+            labels=labels,
+            num_classes=num_classes,
+            chunk_size=chunk_size,
+            mode=mode,
+            active_threshold=active_threshold,
+            progress=progress,
         )
 
     class_path = module_class if isinstance(module_class, str) else f"{module_class.__module__}:{module_class.__qualname__}"
@@ -279,6 +328,9 @@ def evaluate_checkpoint(
         "module_class": class_path,
         "decoder": resolved.name,
         "latent_dim": d,
+        "latent_shape": None if latent_shape is None else list(latent_shape),
+        "output_key": output_key,
+        "num_classes": num_classes,
         "num_samples": num_samples,
         "seed": seed,
         "global_step": step,
@@ -289,6 +341,22 @@ def evaluate_checkpoint(
     }
     _write_text_atomically(Path(files["report"]), json.dumps(report, indent=2))
     return report
+
+
+def _probe(decoder: Callable, z: Tensor, labels: Tensor | None, name: str) -> None:
+    """The decoder once at two of the latents, before the Jacobians: a named error for what would fail or mislead."""
+    rows = slice(0, 2)
+    try:
+        probe_decoder(decoder, z[rows], None if labels is None else labels[rows], check_finite=True)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"The decoder `{name}` failed a test call: {error}") from error
+    except Exception as error:
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(
+            f"The decoder `{name}` failed a test call on 2 latents of size {z.shape[1]} ({type(error).__name__}: {message}). "
+            "Check --decoder, --latent-dim (--latent-shape for a decoder that takes latents of another shape, --num-classes "
+            "for a conditional one)."
+        ) from error
 
 
 def _check_writable(folder: Path) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_mem.jacobian import JacobianMode, call_decoder, iter_decoder_jacobians
+from lightning_mem.jacobian import JacobianMode, ModelStateGuard, call_decoder, iter_decoder_jacobians
 from lightning_mem.metrics import ManifoldCrossMutualInformation, ManifoldEntropicMetrics
 
 __all__ = ["Comparison", "evaluate_decoder", "evaluation_mode", "prior_latents"]
@@ -125,10 +125,12 @@ def evaluate_decoder(
         chunks = progress(chunks, -(-z.shape[0] // step))
     kept: list[Tensor] | None = [] if keep_bytes > 0 else None
     kept_bytes = 0
+    guard = ModelStateGuard()
     for index, jacobian, *other_jacobians in chunks:
         rows = slice(index * step, (index + 1) * step)
         if check_output:
-            output = call_decoder(decoder, z[rows], None if condition is None else condition[rows])
+            with guard:
+                output = call_decoder(decoder, z[rows], None if condition is None else condition[rows])
             if not torch.isfinite(output).all():
                 raise FloatingPointError(f"the decoder output holds NaN or inf at {int((~torch.isfinite(output)).sum())} entries")
         chunk_labels = None if labels is None else labels[rows]

@@ -2,51 +2,358 @@
 
 from __future__ import annotations
 
+import math
+import re
+import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd import forward_ad
+from torch.distributions import Distribution
 from torch.func import jacfwd, jacrev, jvp, vmap
+from torch.nn.modules.module import register_module_forward_pre_hook
 
-from lightning_mem._checks import check_eval_mode, check_latents, check_mode, check_positive_int
+from lightning_mem._checks import check_latents, check_mode, check_positive_int
 
-__all__ = ["call_decoder", "decoder_jacobian", "iter_decoder_jacobian_columns", "iter_decoder_jacobians"]
+__all__ = [
+    "DecoderStateError",
+    "ModelStateGuard",
+    "OutputKey",
+    "call_decoder",
+    "check_latent_shape",
+    "check_output_key",
+    "decoder_jacobian",
+    "decoder_output",
+    "iter_decoder_jacobian_columns",
+    "iter_decoder_jacobians",
+    "probe_decoder",
+]
 
 JacobianMode = Literal["auto", "forward", "reverse", "loop"]
+OutputKey = str | int
+"""Which part of a decoder's output is measured: a key of a mapping output, or an index of a tuple output."""
 
 _UNTRACEABLE = (RuntimeError, NotImplementedError, ValueError, TypeError)
 """What ``torch.func`` raises on a decoder it cannot trace (in-place updates, data-dependent control flow, ...)."""
 
+_SHAPE_ERROR = re.compile(r"\b\d+D\b|dimension|shape|size|mat1 and mat2", re.IGNORECASE)
+"""Messages of errors a decoder raises on latents of the wrong shape (a hint to ``latent_shape``/``latent_dim`` follows)."""
 
-def call_decoder(decoder: Callable, z: Tensor, condition: Tensor | None = None) -> Tensor:
-    """``decoder(z)`` (or ``decoder(z, condition)``) as a tensor: a tuple or list output gives its first element.
+
+def check_latent_shape(latent_shape: Any, latent_dim: int | None = None) -> tuple[int, ...] | None:
+    """``latent_shape`` as a tuple of positive ints (or ``None``), with ``latent_dim`` entries in all when given.
 
     Raises:
-        TypeError: if the output is neither a tensor nor a non-empty sequence starting with one.
+        ValueError: if it is not a non-empty sequence of positive ints, or its product is not ``latent_dim``.
     """
-    output = decoder(z) if condition is None else decoder(z, condition)
-    if isinstance(output, (tuple, list)):
-        if not output:
-            raise TypeError("Expected the decoder to return a tensor or a non-empty tuple, but got an empty sequence.")
-        output = output[0]
-    if not isinstance(output, Tensor):
-        raise TypeError(f"Expected the decoder to return a tensor (or a tuple starting with one), got {type(output).__name__}.")
-    return output
-
-
-def _probe(decoder: Callable, z: Tensor, condition: Tensor | None) -> Tensor:
-    """The decoder's output for the first sample, checked to keep the batch dimension."""
-    with torch.no_grad():
-        probe = call_decoder(decoder, z[:1], None if condition is None else condition[:1])
-    if probe.shape[0] != 1:
+    if latent_shape is None:
+        return None
+    if (
+        isinstance(latent_shape, (str, bytes, Tensor))
+        or not isinstance(latent_shape, Sequence)
+        or not latent_shape
+        or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in latent_shape)
+    ):
+        raise ValueError(f"Expected `latent_shape` to be a non-empty tuple of positive ints such as (100, 1, 1), but got {latent_shape!r}.")
+    shape = tuple(latent_shape)
+    if latent_dim is not None and math.prod(shape) != latent_dim:
         raise ValueError(
-            f"Expected the decoder to keep the batch dimension (1 sample in, 1 out), but got output shape {tuple(probe.shape)}."
+            f"Expected `latent_shape` with {latent_dim} entries in all (the latent size), but got {shape} ({math.prod(shape)} entries)."
         )
-    return probe
+    return shape
+
+
+def check_output_key(output_key: Any) -> None:
+    """Raise a ``TypeError`` unless ``output_key`` is a str (a mapping key), an int (a tuple index) or ``None``."""
+    if output_key is not None and (isinstance(output_key, bool) or not isinstance(output_key, (str, int))):
+        raise TypeError(
+            f"Expected `output_key` to be a str (the key of a mapping output), an int (the index of a tuple output) or None, "
+            f"but got {type(output_key).__name__}."
+        )
+
+
+def decoder_output(output: Any, output_key: OutputKey | None = None) -> Tensor:
+    """The tensor a decoder's output stands for: the one place where outputs are adapted.
+
+    - a tensor is itself;
+    - a ``torch.distributions.Distribution`` (e.g. ``Bernoulli(logits=...)``, ``Independent(Normal(...), 1)``) is
+      measured at its ``.mean``;
+    - a mapping (a ``dict``, pythae's ``ModelOutput``, ...) gives ``output[output_key]``, or its only tensor when it
+      holds exactly one and ``output_key`` is ``None``;
+    - a tuple or list gives ``output[output_key]`` for an int ``output_key``; without one it is an error (which
+      element is the data is not guessed).
+
+    Raises:
+        TypeError: for an output that is none of these, a tuple without ``output_key``, a mapping with several tensors
+            and no ``output_key``, or a distribution without a mean.
+        ValueError: if ``output_key`` is not in the output.
+
+    Example:
+        >>> decoder_output(torch.distributions.Bernoulli(logits=torch.zeros(1, 2)))
+        tensor([[0.5000, 0.5000]])
+        >>> decoder_output({"reconstruction": torch.ones(1, 2), "z": torch.zeros(1, 3)}, "reconstruction")
+        tensor([[1., 1.]])
+    """
+    if output_key is not None:
+        output = _select(output, output_key)
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Distribution):
+        try:
+            return output.mean
+        except NotImplementedError:
+            raise TypeError(
+                f"Expected the decoder's {type(output).__name__} output to have a mean (a distribution output is measured at its "
+                "`.mean`), but it has none. Return a tensor instead, e.g. the distribution's location parameter; a zuko or "
+                "normflows flow is a decoder through `lightning_mem.as_decoder(flow)`."
+            ) from None
+    if isinstance(output, Mapping):
+        keys = [key for key, value in output.items() if isinstance(value, (Tensor, Distribution))]
+        if len(keys) == 1:
+            return decoder_output(output[keys[0]])
+        raise TypeError(
+            f"Expected the decoder to return a tensor, but it returned a {type(output).__name__} with keys {list(output)}: "
+            f"pass `output_key=` the key of the output to measure (e.g. output_key={(keys or list(output) or ['x'])[0]!r}; "
+            "--output-key on the command line)."
+        )
+    if isinstance(output, (tuple, list)):
+        raise TypeError(
+            f"Expected the decoder to return a tensor, but it returned a {type(output).__name__} of {len(output)} elements: "
+            "pass `output_key=` the index of the output to measure (e.g. output_key=0; --output-key 0 on the command line). "
+            "For an invertible network (whose forward pass is the encoder) use `lightning_mem.as_decoder(inn)`."
+        )
+    raise TypeError(
+        f"Expected the decoder to return a tensor, a torch.distributions.Distribution or a mapping of tensors, but got "
+        f"{type(output).__name__}."
+    )
+
+
+def _select(output: Any, output_key: OutputKey) -> Any:
+    """``output[output_key]`` of a mapping or a tuple, with errors that list what there is."""
+    if isinstance(output, Mapping):
+        if isinstance(output_key, int) and output_key not in output and str(output_key) in output:
+            output_key = str(output_key)  # `--output-key 0` on the command line for a key "0"
+        if output_key not in output:
+            raise ValueError(
+                f"Expected the decoder's {type(output).__name__} output to have the key `output_key`={output_key!r}, "
+                f"but its keys are {list(output)}."
+            )
+        return output[output_key]
+    if isinstance(output, (tuple, list)) and isinstance(output_key, int):
+        if not -len(output) <= output_key < len(output):
+            raise ValueError(
+                f"Expected `output_key`={output_key} to index the decoder's {type(output).__name__} output, but it has "
+                f"{len(output)} elements."
+            )
+        return output[output_key]
+    if isinstance(output_key, str) and not isinstance(output, (Tensor, tuple, list)) and hasattr(output, output_key):
+        return getattr(output, output_key)  # an output object with attributes (a dataclass, a named tuple)
+    raise TypeError(
+        f"Expected the decoder to return a mapping (or, for an int `output_key`, a tuple) to select `output_key`={output_key!r} "
+        f"from, but it returned {type(output).__name__}."
+    )
+
+
+def call_decoder(
+    decoder: Callable,
+    z: Tensor,
+    condition: Tensor | None = None,
+    *,
+    latent_shape: Sequence[int] | None = None,
+    output_key: OutputKey | None = None,
+) -> Tensor:
+    """``decoder(z)`` (or ``decoder(z, condition)``) as a tensor, through :func:`decoder_output`.
+
+    With ``latent_shape`` the flat latents ``(N, d)`` are passed reshaped to ``(N, *latent_shape)`` (e.g. a DCGAN
+    generator's ``(N, 100, 1, 1)``).
+
+    Raises:
+        TypeError: for an output :func:`decoder_output` cannot adapt.
+    """
+    if latent_shape is not None:
+        z = z.reshape(z.shape[0], *latent_shape)
+    output = decoder(z) if condition is None else decoder(z, condition)
+    return decoder_output(output, output_key)
+
+
+class DecoderStateError(ValueError):
+    """A decoder ran a normalization layer in training mode, or changed a buffer of a module it ran."""
+
+
+def _is_training_normalization(module: nn.Module) -> bool:
+    # BatchNorm and friends in training mode mix the samples of a batch and update their running statistics.
+    return isinstance(module, nn.modules.batchnorm._NormBase) and module.training
+
+
+def _same(tensor: Tensor, copy: Tensor) -> bool:
+    try:
+        if torch.equal(tensor, copy):
+            return True
+        return bool((tensor.isnan() & copy.isnan()).logical_or(tensor == copy).all()) if tensor.is_floating_point() else False
+    except RuntimeError:  # a tensor that cannot be compared (e.g. a transform's wrapper outside its level): not ours to judge
+        return True
+
+
+class ModelStateGuard:
+    """While entered, no normalization layer runs in training mode, and no module that runs keeps a changed buffer.
+
+    A decoder can be any callable, e.g. ``lambda z: g(z[:, :, None, None])``: what it reaches cannot be read off it.
+    So the guard watches what runs: a forward pre-hook common to all modules (on the entering thread only) raises a
+    :class:`DecoderStateError` *before* a training-mode normalization layer (BatchNorm, InstanceNorm with running
+    statistics) computes anything, and copies the buffers of every other module the first time it runs. On exit,
+    a buffer that changed (a running statistic, a counter, a spectral-norm vector updated in ``forward``) is put back
+    and a :class:`DecoderStateError` names it. Enter it around each piece of work; the copies are kept across entries.
+    Cost: one Python call per module call, and one comparison of the buffers seen per exit.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2)  # training mode
+        >>> with ModelStateGuard():  # doctest: +ELLIPSIS
+        ...     bn(torch.randn(4, 2))
+        Traceback (most recent call last):
+        ...
+        lightning_mem.jacobian.DecoderStateError: Expected the decoder's normalization layers to be in eval mode, but BatchNorm1d ...
+        >>> int(bn.num_batches_tracked)
+        0
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[int, tuple[str, Tensor, Tensor]] = {}
+        self._handle: Any = None
+        self._thread: int | None = None
+
+    def __enter__(self) -> ModelStateGuard:
+        self._thread = threading.get_ident()
+        self._handle = register_module_forward_pre_hook(self._before_forward)
+        return self
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return
+        if _is_training_normalization(module):
+            raise DecoderStateError(
+                f"Expected the decoder's normalization layers to be in eval mode, but {type(module).__name__} is in training mode: "
+                "its output would depend on the whole batch and its running statistics would change. "
+                "Call `decoder.eval()` first (and `decoder.train()` afterwards to restore it); for a closure or lambda, "
+                "call `.eval()` on the model it uses."
+            )
+        for name, buffer in module.named_buffers(recurse=False):
+            if id(buffer) not in self._copies:
+                with torch.no_grad():
+                    self._copies[id(buffer)] = (f"{type(module).__name__}.{name}", buffer, buffer.detach().clone())
+
+    def __exit__(self, error_type: Any, error: Any, traceback: Any) -> None:
+        self._handle.remove()
+        changed = [(label, buffer, copy) for label, buffer, copy in self._copies.values() if not _same(buffer, copy)]
+        with torch.no_grad():
+            for _, buffer, copy in changed:
+                buffer.copy_(copy)
+        if changed and error_type is None:
+            raise DecoderStateError(
+                f"Expected the decoder to leave its model unchanged, but it changed the buffer {changed[0][0]} "
+                f"({len(changed)} changed in all; they were restored): a module that updates its state in `forward` in training "
+                "mode (e.g. spectral normalization) must be in eval mode. Call `.eval()` on the model first."
+            )
+
+
+def _call_hint(error: BaseException, z: Tensor, latent_shape: tuple[int, ...] | None, conditional: bool) -> str | None:
+    """A suggestion for an error the decoder raised on latents of (probably) the wrong shape, or on a missing condition;
+    ``None`` for other errors."""
+    message = str(error)
+    if not isinstance(error, (RuntimeError, ValueError, TypeError)):
+        return None
+    d = z.shape[1]
+    shape = (z.shape[0], *(latent_shape or (d,)))
+    hints = []
+    if isinstance(error, TypeError) and not conditional and re.search(r"missing \d+ required positional argument", message):
+        hints.append(
+            "a conditional decoder needs its condition: `condition=` (in the callback `conditions=` or `num_classes=`, "
+            "on the command line --num-classes)"
+        )
+    elif _SHAPE_ERROR.search(message):
+        if latent_shape is None and re.search(r"conv|\b[345]D\b", message, re.IGNORECASE):
+            hints.append(f"if it takes latents shaped (N, {d}, 1, 1) like a DCGAN generator, pass latent_shape=({d}, 1, 1)")
+        multiplied = re.search(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)", message)
+        if multiplied and multiplied.group(2) != multiplied.group(3):
+            inputs, given = multiplied.group(3), multiplied.group(2)
+            hints.append(f"its first layer takes {inputs} inputs, not {given}: if the latent size is {inputs}, pass latent_dim={inputs}")
+        if not hints:
+            hints.append(f"check the latent size (d={d}" + ("" if latent_shape is None else f", latent_shape={latent_shape}") + ")")
+    if not hints:
+        return None
+    first_line = message.splitlines()[0] if message else ""
+    return f"The decoder failed on latents of shape {shape} ({type(error).__name__}: {first_line}); " + "; ".join(hints) + "."
+
+
+def probe_decoder(
+    decoder: Callable,
+    z: Tensor,
+    condition: Tensor | None = None,
+    *,
+    latent_shape: Sequence[int] | None = None,
+    output_key: OutputKey | None = None,
+    check_finite: bool = False,
+    guard: ModelStateGuard | None = None,
+) -> Tensor:
+    """Call the decoder once at a few latents and check what comes back; return the (detached) output.
+
+    The call runs under a :class:`ModelStateGuard` (no training-mode normalization, buffers unchanged), with gradients
+    on for ``z`` only, to check that the output is a floating point tensor that depends differentiably on ``z``, one
+    row per latent (and finite, with ``check_finite``). Nothing is kept: no graph, no parameter gradient.
+
+    Raises:
+        TypeError: for an output :func:`decoder_output` cannot adapt.
+        ValueError: for an integer output, an output that does not require grad, a lost batch dimension, non-finite
+            values (with ``check_finite``), or a decoder error that looks like a latent-shape mismatch (the message
+            suggests ``latent_shape`` or ``latent_dim``); :class:`DecoderStateError` for training-mode normalization.
+        Exception: any other error of the decoder, as raised.
+
+    Example:
+        >>> probe_decoder(lambda z: z.argmax(1, keepdim=True), torch.zeros(2, 3))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected the decoder output to be a floating point tensor (a differentiable function of z), but got torch.int64: ...
+    """
+    shape = None if latent_shape is None else tuple(latent_shape)
+    with guard if guard is not None else ModelStateGuard(), torch.enable_grad():
+        z_ = z.detach().requires_grad_(True)
+        latents = z_ if shape is None else z_.reshape(z.shape[0], *shape)
+        try:
+            output = decoder(latents) if condition is None else decoder(latents, condition)
+        except DecoderStateError:
+            raise
+        except Exception as error:
+            hint = _call_hint(error, z, shape, condition is not None)
+            if hint is None:
+                raise
+            raise ValueError(hint) from error
+        output = decoder_output(output, output_key)
+    if not (output.is_floating_point() or output.is_complex()):
+        raise ValueError(
+            f"Expected the decoder output to be a floating point tensor (a differentiable function of z), but got {output.dtype}: "
+            "an argmax, a rounding to integers or a sampling step in the decoder has no Jacobian. Return the probabilities, "
+            "logits or mean instead."
+        )
+    if not output.requires_grad:
+        raise ValueError(
+            "Expected the decoder output to depend differentiably on z, but it does not require grad: a `detach()`, "
+            "`torch.no_grad()`, argmax or integer step in the decoder cuts the derivative (the Jacobian would be 0). "
+            "Decode without it."
+        )
+    if output.ndim == 0 or output.shape[0] != z.shape[0]:
+        raise ValueError(
+            f"Expected the decoder to keep the batch dimension ({z.shape[0]} sample{'s' if z.shape[0] > 1 else ''} in, "
+            f"{z.shape[0]} out), but got output shape {tuple(output.shape)}."
+        )
+    if check_finite and not bool(torch.isfinite(output).all()):
+        raise ValueError(
+            f"Expected a finite decoder output, but it holds NaN or inf at {int((~torch.isfinite(output)).sum())} of "
+            f"{output.numel()} entries for {z.shape[0]} prior latents: check the model's weights and the latent size."
+        )
+    return output.detach()
 
 
 def _chunked(
@@ -57,9 +364,11 @@ def _chunked(
     loop: Callable[[Tensor, Tensor | None, slice], Tensor],
     *,
     fallback: bool,
+    guard: ModelStateGuard,
 ) -> Iterator[Tensor]:
     """``traced`` on each chunk of ``chunk_size`` samples; with ``fallback``, ``loop`` from the first chunk on where
-    ``torch.func`` cannot trace the decoder (one warning)."""
+    ``torch.func`` cannot trace the decoder (one warning). Each chunk is computed inside ``guard`` (not while the
+    caller holds a yielded chunk)."""
     use_traced = True
     step = z.shape[0] if chunk_size is None else chunk_size
     for start in range(0, z.shape[0], step):
@@ -67,8 +376,10 @@ def _chunked(
         c_rows = None if condition is None else condition[rows]
         if use_traced:
             try:
-                yield traced(z[rows], c_rows, rows)
-                continue
+                with guard:
+                    result = traced(z[rows], c_rows, rows)
+            except DecoderStateError:
+                raise
             except _UNTRACEABLE as error:
                 if not fallback or start > 0:
                     raise
@@ -79,20 +390,29 @@ def _chunked(
                     stacklevel=3,
                 )
                 use_traced = False
-        yield loop(z[rows], c_rows, rows)
+            else:
+                yield result
+                continue
+        with guard:
+            result = loop(z[rows], c_rows, rows)
+        yield result
 
 
-def _traced_jacobian(decoder: Callable, z: Tensor, condition: Tensor | None, forward: bool) -> Tensor:
+DecoderCall = Callable[[Tensor, Tensor | None], Tensor]
+"""``(z, condition) -> x``: a decoder with its latent reshape and output adapter applied (:func:`call_decoder`)."""
+
+
+def _traced_jacobian(call: DecoderCall, z: Tensor, condition: Tensor | None, forward: bool) -> Tensor:
     def one_sample(z_n: Tensor, c_n: Tensor | None) -> Tensor:
         c = None if c_n is None else c_n.unsqueeze(0)
-        return call_decoder(decoder, z_n.unsqueeze(0), c).squeeze(0)
+        return call(z_n.unsqueeze(0), c).squeeze(0)
 
     jacobian_of = jacfwd if forward else jacrev
     in_dims = (0, None if condition is None else 0)
     return vmap(jacobian_of(one_sample), in_dims=in_dims)(z, condition)
 
 
-def _loop_jacobian(decoder: Callable, z: Tensor, condition: Tensor | None, forward: bool, create_graph: bool) -> Tensor:
+def _loop_jacobian(call: DecoderCall, z: Tensor, condition: Tensor | None, forward: bool, create_graph: bool) -> Tensor:
     """Jacobian by plain autograd: ``d`` forward-mode JVPs or one backward pass per output entry."""
     n, d = z.shape
     if forward:
@@ -108,12 +428,13 @@ def _loop_jacobian(decoder: Callable, z: Tensor, condition: Tensor | None, forwa
                 tangent = torch.zeros_like(z)
                 tangent[:, i] = 1
                 with fork_rng():
-                    out = call_decoder(decoder, forward_ad.make_dual(z, tangent), condition)
-                columns.append(forward_ad.unpack_dual(out).tangent)
+                    out = call(forward_ad.make_dual(z, tangent), condition)
+                column = forward_ad.unpack_dual(out).tangent
+                columns.append(torch.zeros_like(out) if column is None else column)
         return torch.stack(columns, dim=-1)
     with torch.enable_grad():
         z_ = z if z.requires_grad and create_graph else z.detach().requires_grad_(True)
-        out = call_decoder(decoder, z_, condition)
+        out = call(z_, condition)
         flat = out.reshape(n, -1)
         rows = [
             torch.autograd.grad(
@@ -124,6 +445,26 @@ def _loop_jacobian(decoder: Callable, z: Tensor, condition: Tensor | None, forwa
     return torch.stack(rows, dim=1).reshape(*out.shape, d)
 
 
+def _prepare(
+    decoder: Callable,
+    z: Tensor,
+    condition: Tensor | None,
+    chunk_size: int | None,
+    latent_shape: Sequence[int] | None,
+    output_key: OutputKey | None,
+) -> tuple[DecoderCall, Tensor, ModelStateGuard]:
+    """Validate the engine's common arguments; return the adapted decoder call, its probed output and the guard."""
+    check_latents(z, condition)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    shape = check_latent_shape(latent_shape, z.shape[1])
+    check_output_key(output_key)
+    guard = ModelStateGuard()
+    probe = probe_decoder(
+        decoder, z[:1], None if condition is None else condition[:1], latent_shape=shape, output_key=output_key, guard=guard
+    )
+    return partial(call_decoder, decoder, latent_shape=shape, output_key=output_key), probe, guard
+
+
 def iter_decoder_jacobians(
     decoder: Callable,
     z: Tensor,
@@ -132,29 +473,28 @@ def iter_decoder_jacobians(
     mode: JacobianMode = "auto",
     chunk_size: int | None = None,
     create_graph: bool = False,
+    latent_shape: Sequence[int] | None = None,
+    output_key: OutputKey | None = None,
 ) -> Iterator[Tensor]:
     """Yield the per-sample Jacobians of :func:`decoder_jacobian` chunk by chunk, ``chunk_size`` samples at a time.
 
     This is what the metrics use to keep memory at ``chunk_size x D x d`` however many samples are evaluated.
     Arguments are those of :func:`decoder_jacobian`.
     """
-    check_latents(z, condition)
     check_mode(mode)
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    check_eval_mode(decoder)
-    probe = _probe(decoder, z, condition)
+    call, probe, guard = _prepare(decoder, z, condition, chunk_size, latent_shape, output_key)
     forward = mode == "forward" or (mode in ("auto", "loop") and probe[0].numel() > z.shape[1])
     grad_context = torch.enable_grad if create_graph else torch.no_grad
 
     def traced(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
         with grad_context():
-            return _traced_jacobian(decoder, z_rows, c_rows, forward)
+            return _traced_jacobian(call, z_rows, c_rows, forward)
 
     def loop(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
         with grad_context():
-            return _loop_jacobian(decoder, z_rows, c_rows, forward, create_graph)
+            return _loop_jacobian(call, z_rows, c_rows, forward, create_graph)
 
-    chunks = _chunked(z, condition, chunk_size, loop if mode == "loop" else traced, loop, fallback=mode == "auto")
+    chunks = _chunked(z, condition, chunk_size, loop if mode == "loop" else traced, loop, fallback=mode == "auto", guard=guard)
     for jacobian in chunks:
         yield jacobian if create_graph else jacobian.detach()
 
@@ -167,19 +507,25 @@ def decoder_jacobian(
     mode: JacobianMode = "auto",
     chunk_size: int | None = None,
     create_graph: bool = False,
+    latent_shape: Sequence[int] | None = None,
+    output_key: OutputKey | None = None,
 ) -> Tensor:
     r"""Per-sample Jacobian :math:`J(z) = \partial g / \partial z` of a decoder at each latent sample.
 
     Each sample is differentiated on its own (``torch.func.vmap`` over samples), so the result is exact for any
-    decoder whose samples do not interact. The decoder's train/eval mode is left as it is; normalization layers
-    (BatchNorm) in training mode mix samples and cannot be traced, so they raise a ``ValueError`` asking for
-    ``decoder.eval()``. Dropout in training mode cannot be traced by ``vmap`` either: ``mode="auto"`` then falls
-    back to ``"loop"`` with a warning (and the Jacobian is that of one random dropout mask per sample).
+    decoder whose samples do not interact. The decoder's train/eval mode is left as it is, and so is its model: for
+    any callable (a module, a bound method, a closure or lambda over a model), a normalization layer that runs in
+    training mode (BatchNorm: it mixes samples and updates its running statistics) raises a
+    :class:`DecoderStateError` (a ``ValueError``) asking for ``.eval()`` before it computes anything, and a buffer
+    changed by the decoder is restored and reported the same way (see :class:`ModelStateGuard`). Dropout in training
+    mode cannot be traced by ``vmap``: ``mode="auto"`` then falls back to ``"loop"`` with a warning (and the
+    Jacobian is that of one random dropout mask per sample).
 
     Args:
-        decoder: a callable ``z -> x`` or, with ``condition``, ``(z, condition) -> x``; ``z`` is ``(N, d)`` and
-            ``x`` is ``(N, *output_shape)`` or a tuple whose first element is. Use :func:`as_decoder` for
-            invertible networks.
+        decoder: a callable ``z -> x`` or, with ``condition``, ``(z, condition) -> x``; ``z`` is ``(N, d)`` (or
+            ``(N, *latent_shape)``) and ``x`` is ``(N, *output_shape)``, a ``torch.distributions.Distribution``
+            (measured at its ``.mean``), or a mapping or tuple (see ``output_key``). Use :func:`as_decoder` for
+            invertible networks and flows (FrEIA, zuko, normflows).
         z: latent points, shape ``(N, d)``, floating point (float32 or float64, any device).
         condition: optional per-sample condition, shape ``(N, ...)``.
         mode: ``"forward"`` (``jacfwd``, ``d`` JVPs a sample), ``"reverse"`` (``jacrev``, ``D`` VJPs a sample),
@@ -190,15 +536,23 @@ def decoder_jacobian(
             sample's cost. ``None`` does all samples at once.
         create_graph: keep the autograd graph so that the result can be differentiated (e.g. for a training
             penalty). By default no graph is kept and the result is detached, whatever the grad mode.
+        latent_shape: the shape of one latent as the decoder takes it, e.g. ``(100, 1, 1)`` for a DCGAN generator:
+            ``z`` stays ``(N, d)`` with ``d = prod(latent_shape)`` and is passed reshaped; the Jacobian's last axis
+            is the flattened latent.
+        output_key: the key of a mapping output (e.g. ``"reconstruction"`` for pythae's ``ModelOutput``) or the
+            index of a tuple output to measure; a mapping holding exactly one tensor needs none, a tuple always
+            does (see :func:`decoder_output`).
 
     Returns:
         The Jacobian in torch's layout, shape ``(N, *output_shape, d)``, dtype and device of the decoder output.
 
     Raises:
-        TypeError: if ``z`` or ``condition`` are not tensors, ``z`` is not floating point, or the decoder does not
-            return a tensor.
-        ValueError: for a wrong shape of ``z`` or ``condition``, an unknown ``mode``, a bad ``chunk_size``, or
-            normalization layers in training mode.
+        TypeError: if ``z`` or ``condition`` are not tensors, ``z`` is not floating point, or the decoder's output
+            is not a tensor :func:`decoder_output` can adapt (a tuple without ``output_key``, ...).
+        ValueError: for a wrong shape of ``z`` or ``condition``, an unknown ``mode``, a bad ``chunk_size`` or
+            ``latent_shape``, an output that is not a differentiable function of ``z`` (integer, argmax, detached),
+            a decoder error on latents of the wrong shape (the message suggests ``latent_shape``), or (as
+            :class:`DecoderStateError`) normalization layers in training mode.
 
     Example:
         >>> decoder = torch.nn.Linear(2, 3, bias=False)
@@ -212,7 +566,16 @@ def decoder_jacobian(
     References:
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
-    chunks = iter_decoder_jacobians(decoder, z, condition=condition, mode=mode, chunk_size=chunk_size, create_graph=create_graph)
+    chunks = iter_decoder_jacobians(
+        decoder,
+        z,
+        condition=condition,
+        mode=mode,
+        chunk_size=chunk_size,
+        create_graph=create_graph,
+        latent_shape=latent_shape,
+        output_key=output_key,
+    )
     return torch.cat(list(chunks), dim=0)
 
 
@@ -230,6 +593,8 @@ def iter_decoder_jacobian_columns(
     *,
     condition: Tensor | None = None,
     chunk_size: int | None = None,
+    latent_shape: Sequence[int] | None = None,
+    output_key: OutputKey | None = None,
 ) -> Iterator[Tensor]:
     r"""Yield the sampled columns :math:`J_{S_n} = \partial g / \partial z_{S_n}`, ``chunk_size`` samples at a time.
 
@@ -238,8 +603,8 @@ def iter_decoder_jacobian_columns(
     ``torch.func`` cannot trace the decoder, a loop of ``torch.autograd.forward_ad`` passes is used (one warning).
 
     Args:
-        decoder, z, condition, chunk_size: as for :func:`decoder_jacobian`.
-        columns: ``(N, k)`` long, the latents differentiated for each sample.
+        decoder, z, condition, chunk_size, latent_shape, output_key: as for :func:`decoder_jacobian`.
+        columns: ``(N, k)`` long, the latents differentiated for each sample (indices into the flattened latent).
 
     Yields:
         ``(n, *output_shape, k)`` per chunk of ``n`` samples, detached; column ``j`` of sample ``n`` is
@@ -257,18 +622,17 @@ def iter_decoder_jacobian_columns(
                  [4.]]])
     """
     check_latents(z, condition)
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if not isinstance(columns, Tensor) or columns.ndim != 2 or columns.shape[0] != z.shape[0] or columns.is_floating_point():
         raise ValueError(f"Expected `columns` of shape ({z.shape[0]}, k), integer, but got {getattr(columns, 'shape', columns)!r}.")
-    check_eval_mode(decoder)
-    output_shape = _probe(decoder, z, condition).shape[1:]
+    call, probe, guard = _prepare(decoder, z, condition, chunk_size, latent_shape, output_key)
+    output_shape = probe.shape[1:]
 
     def as_columns(out: Tensor) -> Tensor:  # (k, n, *output_shape) -> (n, *output_shape, k)
         return out.movedim(0, -1).reshape(out.shape[1], *output_shape, out.shape[0])
 
     def traced(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
         def push_forward(tangent: Tensor) -> Tensor:
-            return jvp(lambda z_: call_decoder(decoder, z_, c_rows), (z_rows,), (tangent,))[1]
+            return jvp(lambda z_: call(z_, c_rows), (z_rows,), (tangent,))[1]
 
         with torch.no_grad():
             return as_columns(vmap(push_forward)(_column_tangents(z_rows, columns[rows])))
@@ -277,7 +641,9 @@ def iter_decoder_jacobian_columns(
         outputs = []
         with torch.no_grad(), forward_ad.dual_level():
             for tangent in _column_tangents(z_rows, columns[rows]):
-                outputs.append(forward_ad.unpack_dual(call_decoder(decoder, forward_ad.make_dual(z_rows, tangent), c_rows)).tangent)
+                out = call(forward_ad.make_dual(z_rows, tangent), c_rows)
+                column = forward_ad.unpack_dual(out).tangent
+                outputs.append(torch.zeros_like(out) if column is None else column)
         return as_columns(torch.stack(outputs))
 
-    yield from _chunked(z, condition, chunk_size, traced, loop, fallback=True)
+    yield from _chunked(z, condition, chunk_size, traced, loop, fallback=True, guard=guard)

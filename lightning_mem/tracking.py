@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,11 +13,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_mem._checks import check_labels
-from lightning_mem.decoders import buffer_names, decoder_with_state, resolve_decoder, state_snapshot
-from lightning_mem.evaluation import Comparison, evaluate_decoder, prior_latents
+from lightning_mem.decoders import ResolvedDecoder, buffer_names, decoder_with_state, resolve_decoder, state_snapshot
+from lightning_mem.evaluation import Comparison, evaluate_decoder, evaluation_mode, prior_latents
+from lightning_mem.jacobian import OutputKey, check_latent_shape, check_output_key, probe_decoder
 from lightning_mem.metrics import ManifoldCrossMutualInformation, ManifoldEntropicMetrics
 
 __all__ = ["DecoderTracker"]
+
+PROBE_SAMPLES = 2
+"""Latents the decoder is tried on in ``setup`` (:meth:`DecoderTracker.probe`), before training starts."""
 
 MAX_KEPT_JACOBIAN_BYTES = 64 * 2**20
 """With ``drift`` and fixed latents, an evaluation keeps its Jacobians (per process) for the next one's drift when they
@@ -25,10 +31,12 @@ take at most this much memory; otherwise the next evaluation recomputes them fro
 class DecoderTracker:
     """Evaluates a LightningModule's decoder into metrics, and keeps what the next evaluation's drift needs.
 
-    Each :meth:`evaluate` (on every DDP rank) resolves the decoder, evaluates this rank's share of the latents with
-    :func:`lightning_mem.evaluation.evaluate_decoder`, syncs and finishes the metrics. The drift state (a snapshot of
-    the decoder's weights, and its Jacobians when they fit :data:`MAX_KEPT_JACOBIAN_BYTES`) moves on only when the
-    evaluation succeeded. Arguments are those of :class:`~lightning_mem.ManifoldEntropicMetricsCallback`.
+    Each evaluation (:meth:`accumulate`, then :meth:`compute`, on every DDP rank) resolves the decoder, evaluates this
+    rank's share of the latents with :func:`lightning_mem.evaluation.evaluate_decoder`, syncs and finishes the metrics.
+    The drift state (a snapshot of the decoder's weights, and its Jacobians when they fit
+    :data:`MAX_KEPT_JACOBIAN_BYTES`) moves on only when the evaluation succeeded. A warning raised during evaluations
+    (e.g. the engine's fall-back to ``mode="loop"``) is given once per run (per :meth:`setup`). Arguments are those of
+    :class:`~lightning_mem.ManifoldEntropicMetricsCallback`.
     """
 
     def __init__(
@@ -37,6 +45,8 @@ class DecoderTracker:
         decoder: str | Callable[..., Any] | None,
         latent_dim: int | None,
         num_samples: int,
+        output_key: OutputKey | None = None,
+        latent_shape: Sequence[int] | None = None,
         latents: Tensor | Callable[[Trainer, LightningModule], Any] | None,
         conditions: Tensor | Callable[[Tensor], Tensor] | None,
         num_classes: int | None,
@@ -51,7 +61,10 @@ class DecoderTracker:
         active_threshold: float,
         seed: int,
     ) -> None:
+        check_output_key(output_key)
+        self.latent_shape = check_latent_shape(latent_shape, latent_dim)
         self.decoder, self.latent_dim, self.num_samples, self.latents = decoder, latent_dim, num_samples, latents
+        self.output_key = output_key
         self.conditions, self.num_classes = conditions, num_classes
         self.reference_decoder, self.reference_latents, self.drift = reference_decoder, reference_latents, drift
         self.chunk_size, self.mode, self.std, self.sigma, self.eps, self.seed = chunk_size, mode, std, sigma, eps, seed
@@ -62,10 +75,16 @@ class DecoderTracker:
         self._drawn_latents: Tensor | None = None
         self.metric: ManifoldEntropicMetrics | None = None
         self._reference_metric: ManifoldCrossMutualInformation | None = None
+        self._warned: set[tuple[type, str]] = set()
+
+    def resolve(self, pl_module: LightningModule) -> ResolvedDecoder:
+        """The module's decoder, as :func:`lightning_mem.decoders.resolve_decoder` finds it with this tracker's options."""
+        return resolve_decoder(pl_module, self.decoder, output_key=self.output_key, latent_shape=self.latent_shape)
 
     def setup(self, latent_dim: int) -> None:
-        """Fix the latent size (known once the module is) and make the metrics."""
+        """Fix the latent size (known once the module is) and make the metrics; warnings start afresh."""
         self.latent_dim = latent_dim
+        self._warned = set()
         options = {"std": self.std, "sigma": self.sigma, "eps": self.eps, "num_classes": self.num_classes}
         self.metric = ManifoldEntropicMetrics(latent_dim, active_threshold=self.active_threshold, **options)
         self._drift_metric = ManifoldCrossMutualInformation(latent_dim, latent_dim, reference_sigma=self.sigma, **options)
@@ -76,10 +95,60 @@ class DecoderTracker:
         if seed != self.seed:
             self.seed, self._drawn_latents = seed, None
 
+    def probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fail fast: call the decoder once at :data:`PROBE_SAMPLES` of this run's latents, before training starts.
+
+        In eval mode, with the module's state untouched (training flags, buffers and RNG states restored, no parameter
+        gradient). Skipped when ``latents`` is a callable (it may need the run under way); the first evaluation checks
+        then.
+
+        Raises:
+            ValueError, TypeError: naming the cause and the fix, if the decoder raises, returns no tensor, one that is
+                not a differentiable function of the latents, not one row per latent, or NaN/inf (e.g. a wrong latent
+                size).
+        """
+        if callable(self.latents):
+            return
+        resolved = self.resolve(pl_module)
+        # in `setup` the module is still where the user put it (Lightning moves it later): use its parameters' device
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        z, conditions, _, _ = self._inputs(trainer, pl_module, device=device, with_reference=False)
+        rows = slice(0, PROBE_SAMPLES)
+        z, conditions = z[rows], None if conditions is None else conditions[rows]
+        with evaluation_mode([pl_module]):
+            try:
+                probe_decoder(resolved.function, z, conditions, check_finite=True)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"the decoder `{resolved.name}` failed a test call before training: {error}") from error
+            except Exception as error:
+                message = str(error).splitlines()[0] if str(error) else ""
+                raise ValueError(
+                    f"the decoder `{resolved.name}` failed a test call on {z.shape[0]} latents of size latent_dim={self.latent_dim} "
+                    f"before training ({type(error).__name__}: {message}). Check that `decoder` names the decoder and "
+                    "`latent_dim` its latent size (`latent_shape` for a decoder that takes latents of another shape, "
+                    "`conditions` / `num_classes` for a conditional one)."
+                ) from error
+
     def accumulate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """This rank's share of the evaluation into the (reset) metrics. Call it in
         :func:`~lightning_mem.evaluation.evaluation_mode`, on every rank, then :meth:`compute` on every rank."""
-        self._pending = self._accumulate(trainer, pl_module)
+        with self._warnings_once():
+            self._pending = self._accumulate(trainer, pl_module)
+
+    @contextmanager
+    def _warnings_once(self) -> Iterator[None]:
+        """Give each distinct warning raised inside once per run (each evaluation would repeat the same ones)."""
+        caught: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                yield
+        finally:
+            for warning in caught:
+                key = (warning.category, str(warning.message))
+                if key not in self._warned:
+                    self._warned.add(key)
+                    warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
     def compute(self) -> dict[str, Tensor]:
         """Every rank: sync and finish the metrics (on the CPU); only then does the drift state move on."""
@@ -87,9 +156,12 @@ class DecoderTracker:
         self.previous, self.previous_jacobians = self._pending
         return values
 
-    def _inputs(self, trainer: Trainer, pl_module: LightningModule) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-        """The full ``(latents, conditions, labels, reference_latents)`` of this evaluation, on the module's device."""
-        device = pl_module.device
+    def _inputs(
+        self, trainer: Trainer, pl_module: LightningModule, *, device: torch.device | None = None, with_reference: bool = True
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """The full ``(latents, conditions, labels, reference_latents)`` of this evaluation, on the module's device (or
+        ``device``); ``with_reference=False`` leaves the reference latents out."""
+        device = pl_module.device if device is None else device
         dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.get_default_dtype())
         conditions = self.conditions if isinstance(self.conditions, Tensor) else None
         z = self.latents(trainer, pl_module) if callable(self.latents) else self.latents
@@ -110,7 +182,7 @@ class DecoderTracker:
         if conditions is not None and conditions.shape[0] != n:
             raise ValueError(f"Expected conditions with N == {n} rows (one per latent), but got {tuple(conditions.shape)}.")
         reference = None
-        if self.reference_decoder is not None:
+        if self.reference_decoder is not None and with_reference:
             reference = self.reference_latents(trainer, pl_module) if callable(self.reference_latents) else self.reference_latents
             reference = z if reference is None else reference
             if not isinstance(reference, Tensor) or reference.ndim != 2 or reference.shape[0] != n:
@@ -124,7 +196,7 @@ class DecoderTracker:
 
     def _accumulate(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, Tensor] | None, list[Tensor] | None]:
         """Fill the metrics; return the decoder's state and Jacobians for the next evaluation's drift."""
-        resolved = resolve_decoder(pl_module, self.decoder)
+        resolved = self.resolve(pl_module)
         decoder, device = resolved.function, pl_module.device
         current = state_snapshot(resolved.owner)
         if trainer.world_size > 1 and (names := buffer_names(resolved.owner)):
