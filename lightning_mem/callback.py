@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lightning_mem._checks import check_callback_inputs
-from lightning_mem.decoders import resolve_decoder, resolve_latent_dim
+from lightning_mem.decoders import resolve_latent_dim
 from lightning_mem.evaluation import evaluation_mode, prior_latents
 from lightning_mem.functional.statistics import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS, STANDARD_NORMAL_ENTROPY
 from lightning_mem.loggers import figure_loggers
@@ -441,7 +441,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         z = self.latents if drawn is None else drawn
         dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.get_default_dtype())
         try:
-            decoder = resolve_decoder(pl_module, self.decoder).function
+            decoder = self._tracker.resolve(pl_module).function
             z = z[:_PICTURE_SAMPLES].to(device=pl_module.device, dtype=dtype)
             return latent_pictures(decoder, z, values["spectrum_order"][: self.top_k], image_shape=self.image_shape, sigma=self.sigma)
         except Exception as error:  # pictures are extras: a decoder they do not suit must not stop the run

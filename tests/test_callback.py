@@ -653,10 +653,15 @@ class NoDecoder(LightningModule):
 
 
 class NoLatentSize(NoDecoder):
+    """A method decoder: nothing tells its latent size (a first `nn.Linear` would, for a module decoder)."""
+
     def __init__(self) -> None:
         super().__init__()
         del self.latent_dim
-        self.decoder = nn.Linear(2, DATA_DIM)
+        self.net = nn.Linear(2, DATA_DIM)
+
+    def decode(self, z):
+        return self.net(z)
 
 
 @pytest.mark.parametrize(
@@ -706,14 +711,20 @@ def test_invalid_arguments_name_the_argument_expected_and_actual(options, error,
 
 
 class PoisonedDecoder(TinyVAE):
-    """Trains fine, but its `decode` output holds NaN (through the Jacobian too, or only in the value)."""
+    """Trains fine, but from `on_fit_start` on (after the callback's test call in `setup`) its `decode` output holds NaN
+    (through the Jacobian too, or only in the value)."""
 
-    def __init__(self, poison: str) -> None:
+    def __init__(self, poison: str, from_the_start: bool = False) -> None:
         super().__init__()
-        self.poison = poison
+        self.poison, self.poisoned = poison, from_the_start
+
+    def on_fit_start(self) -> None:
+        self.poisoned = True
 
     def decode(self, z):
         x = self.decoder(z)
+        if not self.poisoned:
+            return x
         return x * math.nan if self.poison == "times" else x + math.nan  # "plus": the Jacobian itself stays finite
 
 
@@ -727,6 +738,15 @@ def test_nan_decoder_warns_counts_failures_and_training_continues(tmp_path, pois
     assert trainer.global_step == 8  # trained to the end
     assert callback.num_failed == 3 and callback.history == [] and callback.last_metrics == {}  # steps 0, 4 (epoch 1), 8
     assert logger.logged == [(0, {"mem/failed": 1.0}), (4, {"mem/failed": 2.0}), (8, {"mem/failed": 3.0})]
+
+
+@pytest.mark.parametrize("poison", ["times", "plus"])
+def test_a_decoder_that_is_nan_from_the_start_fails_in_setup_before_training(tmp_path, poison):
+    callback = ManifoldEntropicMetricsCallback(decoder="decode", num_samples=8)
+    trainer = _trainer(tmp_path, [callback])
+    with pytest.raises(MisconfigurationException, match=r"NaN or inf"):
+        trainer.fit(PoisonedDecoder(poison, from_the_start=True), loader())
+    assert trainer.global_step == 0 and callback.history == []
 
 
 def test_nan_decoder_with_strict_raises(tmp_path):

@@ -47,17 +47,27 @@ USER_MODULES = textwrap.dedent(
     class NoDecoderModule(LinearDecoderModule):
         def __init__(self, weight):
             super().__init__(weight)
-            self.generator = self.decoder
+            self.mapping = self.decoder  # a name the default search does not try
             del self.decoder
 
         def training_step(self, batch, batch_idx):
-            return self.generator(batch[0]).sum() * 0.0
+            return self.mapping(batch[0]).sum() * 0.0
 
 
     class NoLatentDimModule(LinearDecoderModule):
+        # a method decoder: nothing tells its latent size (a module decoder's first nn.Linear would)
+
         def __init__(self, weight):
             super().__init__(weight)
             del self.latent_dim
+            self.linear = self.decoder
+            del self.decoder
+
+        def decode(self, z):
+            return self.linear(z)
+
+        def training_step(self, batch, batch_idx):
+            return self.linear(batch[0]).sum() * 0.0
     """
 )
 
@@ -221,7 +231,8 @@ def test_evaluate_and_the_callback_both_differentiate_the_reverse_pass_of_an_inv
     for name, truth in truths["reverse"].items():
         torch.testing.assert_close(from_evaluate[name], from_callback[name].double(), atol=1e-10, rtol=0, msg=name)  # (a)
         torch.testing.assert_close(from_evaluate[name], truth, atol=1e-10, rtol=0, msg=name)  # (b)
-        assert (truth - truths["forward"][name]).abs().max() > 0.05, name  # (c) the forward pass gives other values
+        # (c) the forward pass gives other values (about 6 nats in H, 1.7 in H_i, 0.02 in MTC), so (b) pins the direction
+        assert (truth - truths["forward"][name]).abs().max() > (0.01 if name == "total_correlation" else 0.5), name
 
 
 def test_missing_checkpoint(tmp_path, capsys):
@@ -252,13 +263,13 @@ def test_module_without_decoder_or_latent_size(user_package, tmp_path, capsys):
     from user_models import NoDecoderModule, NoLatentDimModule
 
     checkpoint = _write_checkpoint(NoDecoderModule(WEIGHT), tmp_path / "no_decoder.ckpt", 3)
-    with pytest.raises(ValueError, match="`decoder` or `decode`"):
+    with pytest.raises(ValueError, match="`decoder` or `decode` \\(also searched: `generator`"):
         evaluate_checkpoint(checkpoint, "user_models:NoDecoderModule")
     assert main(["evaluate", "--module-class", "user_models:NoDecoderModule", "--checkpoint", str(checkpoint)]) == 2
     assert "NoDecoderModule to expose a decoder" in capsys.readouterr().err
     # naming the attribute fixes it
-    report = evaluate_checkpoint(checkpoint, "user_models:NoDecoderModule", decoder="generator", num_samples=4, progress=False)
-    assert report["decoder"] == "generator" and report["latent_dim"] == 3
+    report = evaluate_checkpoint(checkpoint, "user_models:NoDecoderModule", decoder="mapping", num_samples=4, progress=False)
+    assert report["decoder"] == "mapping" and report["latent_dim"] == 3
 
     checkpoint = _write_checkpoint(NoLatentDimModule(WEIGHT), tmp_path / "no_latent_dim.ckpt", 3)
     with pytest.raises(ValueError, match="latent size"):

@@ -82,8 +82,9 @@ def make_case(name: str, seed: int = 0):
 @pytest.mark.parametrize("name", ["mlp", "conv", "conditional", "tuple", "narrow"])
 def test_decoder_jacobian_equals_autograd_per_sample(name, mode):
     decoder, z, condition, out_shape = make_case(name)
-    expected = autograd_jacobian(decoder, z, condition)
-    jacobian = decoder_jacobian(decoder, z, condition=condition, mode=mode)
+    expected = autograd_jacobian(decoder, z, condition)  # of the first output of a tuple
+    output_key = 0 if name == "tuple" else None  # a tuple output is measured only where the user says which element
+    jacobian = decoder_jacobian(decoder, z, condition=condition, mode=mode, output_key=output_key)
     assert jacobian.shape == (NUM_SAMPLES, *out_shape, LATENT_DIM)
     assert jacobian.dtype == torch.float64
     torch.testing.assert_close(jacobian, expected, atol=ATOL, rtol=0)
@@ -364,9 +365,11 @@ def test_bad_chunk_size(chunk_size):
 
 def test_bad_decoder_output():
     z = torch.zeros(3, 2)
-    with pytest.raises(TypeError, match=r"Expected the decoder to return a tensor \(or a tuple starting with one\), got dict"):
-        decoder_jacobian(lambda v: {"x": v}, z)
-    with pytest.raises(TypeError, match=r"Expected the decoder to return a tensor or a non-empty tuple, but got an empty sequence"):
+    with pytest.raises(TypeError, match=r"returned a dict with keys \['x', 'y'\]: pass `output_key=`"):
+        decoder_jacobian(lambda v: {"x": v, "y": v}, z)
+    with pytest.raises(TypeError, match=r"returned a tuple of 2 elements: pass `output_key=` the index"):
+        decoder_jacobian(lambda v: (v, v), z)
+    with pytest.raises(TypeError, match=r"returned a tuple of 0 elements"):
         decoder_jacobian(lambda v: (), z)
     with pytest.raises(ValueError, match=r"Expected the decoder to keep the batch dimension .*but got output shape \(4,\)"):
         decoder_jacobian(lambda v: v.sum(0).repeat(2), z)
