@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from lightning_mem._checks import check_callback_inputs
 from lightning_mem.decoders import resolve_latent_dim
-from lightning_mem.evaluation import evaluation_mode, prior_latents
+from lightning_mem.evaluation import evaluation_mode
 from lightning_mem.functional.statistics import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS, STANDARD_NORMAL_ENTROPY
 from lightning_mem.loggers import figure_loggers
-from lightning_mem.pictures import LatentPictures, latent_pictures
+from lightning_mem.pictures import LatentPictures
 from lightning_mem.plotting import EvaluationFigures
 from lightning_mem.tracking import DecoderTracker
 
@@ -47,8 +47,6 @@ LOGGED_SCALARS = (
 """Keys of ``callback.last_metrics`` logged as scalars (``prefix + key``), with ``spectrum/top_k`` and ``failed``."""
 
 _STATE_VERSION = 1
-_PICTURE_SAMPLES = 16
-"""Latents over which the pictures' mean absolute Jacobian columns are averaged (the first is the traversals' origin)."""
 _UNBOUNDED_FALLBACK_EPOCHS = 1
 """Epoch interval of the default schedule when the run's length is unknown (``num_evaluations`` cannot spread)."""
 
@@ -406,7 +404,7 @@ class ManifoldEntropicMetricsCallback(Callback):
                         f"ManifoldEntropicMetricsCallback: the evaluation at step {step} failed ({type(exception).__name__}: {exception})."
                     )
                     return self._fail(trainer, step, exception)
-                pictures = self._latent_pictures(pl_module, values) if trainer.is_global_zero and self._figure_loggers else None
+                pictures = self._latent_pictures(trainer, pl_module, values)
             values["eval_time"] = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
             self.last_metrics = values
             self.history.append({"step": step, "spectrum": values["spectrum"].clone()})
@@ -433,18 +431,13 @@ class ManifoldEntropicMetricsCallback(Callback):
         scalars.update({f"spectrum/top_{rank}": h for rank, h in enumerate(values["spectrum"][: self.top_k].tolist(), start=1)})
         return {**scalars, "failed": float(self.num_failed)}
 
-    def _latent_pictures(self, pl_module: LightningModule, values: dict[str, Tensor]) -> LatentPictures | None:
-        """Pictures of the top ``top_k`` latents of an image decoder at the first latents (``None`` for other decoders)."""
-        if self._tracker.conditions is not None or self.num_classes is not None or self._pictures_failed:
+    def _latent_pictures(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, Tensor]) -> LatentPictures | None:
+        """The top latents' pictures (rank zero, with figure loggers); a decoder they do not suit warns once."""
+        if not (trainer.is_global_zero and self._figure_loggers) or self._pictures_failed:
             return None
-        drawn = None if isinstance(self.latents, Tensor) else prior_latents(_PICTURE_SAMPLES, self.latent_dim, self.seed, sigma=self.sigma)
-        z = self.latents if drawn is None else drawn
-        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.get_default_dtype())
         try:
-            decoder = self._tracker.resolve(pl_module).function
-            z = z[:_PICTURE_SAMPLES].to(device=pl_module.device, dtype=dtype)
-            return latent_pictures(decoder, z, values["spectrum_order"][: self.top_k], image_shape=self.image_shape, sigma=self.sigma)
-        except Exception as error:  # pictures are extras: a decoder they do not suit must not stop the run
+            return self._tracker.pictures(trainer, pl_module, values["spectrum_order"][: self.top_k], self.image_shape)
+        except Exception as error:  # pictures are extras: they must not stop the run
             self._pictures_failed = True
             rank_zero_warn(f"ManifoldEntropicMetricsCallback: no latent pictures ({type(error).__name__}: {error}).")
             return None

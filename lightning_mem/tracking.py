@@ -17,11 +17,16 @@ from lightning_mem.decoders import ResolvedDecoder, buffer_names, decoder_with_s
 from lightning_mem.evaluation import Comparison, evaluate_decoder, evaluation_mode, prior_latents
 from lightning_mem.jacobian import OutputKey, check_latent_shape, check_output_key, probe_decoder
 from lightning_mem.metrics import ManifoldCrossMutualInformation, ManifoldEntropicMetrics
+from lightning_mem.pictures import LatentPictures, latent_pictures
 
 __all__ = ["DecoderTracker"]
 
 PROBE_SAMPLES = 2
 """Latents the decoder is tried on in ``setup`` (:meth:`DecoderTracker.probe`), before training starts."""
+
+PICTURE_SAMPLES = 16
+"""Latents over which :meth:`DecoderTracker.pictures` averages the absolute Jacobian columns (the first is the
+traversals' origin)."""
 
 MAX_KEPT_JACOBIAN_BYTES = 64 * 2**20
 """With ``drift`` and fixed latents, an evaluation keeps its Jacobians (per process) for the next one's drift when they
@@ -128,6 +133,22 @@ class DecoderTracker:
                     "`latent_dim` its latent size (`latent_shape` for a decoder that takes latents of another shape, "
                     "`conditions` / `num_classes` for a conditional one)."
                 ) from error
+
+    def pictures(
+        self, trainer: Trainer, pl_module: LightningModule, latents: Tensor, image_shape: Sequence[int] | None = None
+    ) -> LatentPictures | None:
+        """:func:`~lightning_mem.pictures.latent_pictures` of ``latents`` (e.g. the top of the spectrum) at the first
+        :data:`PICTURE_SAMPLES` latents of the run, in :func:`~lightning_mem.evaluation.evaluation_mode`; ``None``
+        for a decoder whose output is no image, or with callable latents (they may be costly to draw again)."""
+        if callable(self.latents):
+            return None
+        z, conditions, _, _ = self._inputs(trainer, pl_module, with_reference=False)
+        rows = slice(0, PICTURE_SAMPLES)
+        condition = None if conditions is None else conditions[rows]
+        with evaluation_mode([pl_module]):
+            return latent_pictures(
+                self.resolve(pl_module).function, z[rows], latents, image_shape=image_shape, condition=condition, sigma=self.sigma
+            )
 
     def accumulate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """This rank's share of the evaluation into the (reset) metrics. Call it in
