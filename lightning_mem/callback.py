@@ -103,7 +103,9 @@ class ManifoldEntropicMetricsCallback(Callback):
             shaped ``(C, H, W)`` or ``(H, W)``) the figures include ``latent_columns`` and ``latent_traversals``, pictures
             of the ``top_k`` latents (see :func:`lightning_mem.pictures.latent_pictures`).
         top_k: how many of the largest per-latent entropies to log.
-        chunk_size: latents differentiated at once (bounds memory).
+        chunk_size: latents differentiated at once (bounds memory); ``"auto"``: as many as fit in
+            :data:`lightning_mem.budget.DEFAULT_MEMORY_BUDGET` (1 GiB) by :func:`lightning_mem.budget.auto_chunk_size`'s
+            estimate; ``None``: all of a process's latents at once.
         mode: Jacobian mode, see :func:`lightning_mem.decoder_jacobian`.
         std, sigma: data scale and latent scale ``(d,)`` (latents are then ``sigma * eps``).
         eps: floor on :math:`G_{ii}` (inactive latents).
@@ -170,7 +172,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         progress_bar_keys: Sequence[str] = (),
         image_shape: Sequence[int] | None = None,
         top_k: int = 3,
-        chunk_size: int | None = 64,
+        chunk_size: int | str | None = "auto",
         mode: str = "auto",
         std: Tensor | float | None = None,
         sigma: Tensor | None = None,
@@ -192,7 +194,7 @@ class ManifoldEntropicMetricsCallback(Callback):
                 "num_evaluations": num_evaluations,
                 "every_n_train_steps": every_n_train_steps,
                 "every_n_epochs": every_n_epochs,
-                "chunk_size": chunk_size,
+                "chunk_size": None if chunk_size == "auto" else chunk_size,
             },
             mode=mode,
             eps=eps,

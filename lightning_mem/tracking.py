@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_mem._checks import check_labels
+from lightning_mem.budget import auto_chunk_size
 from lightning_mem.decoders import ResolvedDecoder, buffer_names, decoder_with_state, resolve_decoder, state_snapshot
 from lightning_mem.evaluation import Comparison, evaluate_decoder, evaluation_mode, prior_latents
 from lightning_mem.jacobian import OutputKey, check_latent_shape, check_output_key, probe_decoder
@@ -58,7 +59,7 @@ class DecoderTracker:
         reference_decoder: Callable[..., Any] | None,
         reference_latents: Tensor | Callable[[Trainer, LightningModule], Tensor] | None,
         drift: bool,
-        chunk_size: int | None,
+        chunk_size: int | str | None,
         mode: str,
         std: Tensor | float | None,
         sigma: Tensor | None,
@@ -90,6 +91,7 @@ class DecoderTracker:
         """Fix the latent size (known once the module is) and make the metrics; warnings start afresh."""
         self.latent_dim = latent_dim
         self._warned = set()
+        self._auto_chunk: int | None = None
         options = {"std": self.std, "sigma": self.sigma, "eps": self.eps, "num_classes": self.num_classes}
         self.metric = ManifoldEntropicMetrics(latent_dim, active_threshold=self.active_threshold, **options)
         self._drift_metric = ManifoldCrossMutualInformation(latent_dim, latent_dim, reference_sigma=self.sigma, **options)
@@ -259,11 +261,20 @@ class DecoderTracker:
             labels=labels,
             comparisons=comparisons,
             mode=self.mode,
-            chunk_size=self.chunk_size,
+            chunk_size=self._chunk(decoder, z, conditions),
             check_output=True,
             keep_bytes=MAX_KEPT_JACOBIAN_BYTES if self.drift and fixed_inputs else 0,
         )
         return (current, kept) if self.drift else (None, None)
+
+    def _chunk(self, decoder: Callable[..., Any], z: Tensor, conditions: Tensor | None) -> int | None:
+        """``chunk_size``, or for ``"auto"`` the one :func:`~lightning_mem.budget.auto_chunk_size` picks (once per run:
+        kept Jacobians must come in the same chunks)."""
+        if self.chunk_size != "auto":
+            return self.chunk_size
+        if self._auto_chunk is None:
+            self._auto_chunk = auto_chunk_size(decoder, z, condition=conditions)
+        return self._auto_chunk
 
     def _compute(self) -> dict[str, Tensor]:
         """Every rank: sync and finish the metrics (rank-zero-only compute would deadlock the sync)."""
