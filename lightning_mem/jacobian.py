@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import threading
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.distributions import Distribution
 from torch.func import jacfwd, jacrev, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from lightning_mem._checks import check_latents, check_mode, check_positive_int
@@ -28,6 +30,7 @@ __all__ = [
     "check_output_key",
     "decoder_jacobian",
     "decoder_output",
+    "forward_mode_kernels",
     "iter_decoder_jacobian_columns",
     "iter_decoder_jacobians",
     "probe_decoder",
@@ -402,6 +405,33 @@ DecoderCall = Callable[[Tensor, Tensor | None], Tensor]
 """``(z, condition) -> x``: a decoder with its latent reshape and output adapter applied (:func:`call_decoder`)."""
 
 
+@contextlib.contextmanager
+def forward_mode_kernels() -> Iterator[None]:
+    """Within the block, attention runs on kernels that forward-mode AD can differentiate.
+
+    torch's fused attention kernels have no forward-mode rule (on CPU the flash kernel
+    ``_scaled_dot_product_flash_attention_for_cpu``; on CUDA the flash, memory-efficient and cuDNN kernels), nor do
+    the fused ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast paths taken without gradients
+    (``_native_multi_head_attention``, ``_transformer_encoder_layer_fwd``). The block selects the math backend of
+    ``scaled_dot_product_attention`` (same values, composite ops) and turns the fast path off, restoring both after.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _own_jacobian(decoder: Callable) -> Callable[..., Tensor] | None:
+    """The decoder's own Jacobian, ``decoder.decoder_jacobian(z, condition, create_graph=...) -> (n, *output_shape, d)``,
+    or ``None``. :class:`lightning_mem.ode.ODEDecoder` (the tangent ODE) and
+    :class:`lightning_mem.inverse.InverseJacobianDecoder` (the inverted encoder Jacobian) have one."""
+    method = getattr(decoder, "decoder_jacobian", None)
+    return method if callable(method) and not isinstance(decoder, type) else None
+
+
 def _traced_jacobian(call: DecoderCall, z: Tensor, condition: Tensor | None, forward: bool) -> Tensor:
     def one_sample(z_n: Tensor, c_n: Tensor | None) -> Tensor:
         c = None if c_n is None else c_n.unsqueeze(0)
@@ -483,18 +513,26 @@ def iter_decoder_jacobians(
     """
     check_mode(mode)
     call, probe, guard = _prepare(decoder, z, condition, chunk_size, latent_shape, output_key)
+    own = _own_jacobian(decoder) if mode == "auto" and latent_shape is None and output_key is None else None
     forward = mode == "forward" or (mode in ("auto", "loop") and probe[0].numel() > z.shape[1])
     grad_context = torch.enable_grad if create_graph else torch.no_grad
+    kernels = forward_mode_kernels if forward else contextlib.nullcontext
 
     def traced(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
-        with grad_context():
+        with grad_context(), kernels():
             return _traced_jacobian(call, z_rows, c_rows, forward)
 
     def loop(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
-        with grad_context():
+        with grad_context(), kernels():
             return _loop_jacobian(call, z_rows, c_rows, forward, create_graph)
 
-    chunks = _chunked(z, condition, chunk_size, loop if mode == "loop" else traced, loop, fallback=mode == "auto", guard=guard)
+    def own_jacobian(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
+        return own(z_rows, c_rows, create_graph=create_graph)
+
+    if own is not None:
+        chunks = _chunked(z, condition, chunk_size, own_jacobian, own_jacobian, fallback=False, guard=guard)
+    else:
+        chunks = _chunked(z, condition, chunk_size, loop if mode == "loop" else traced, loop, fallback=mode == "auto", guard=guard)
     for jacobian in chunks:
         yield jacobian if create_graph else jacobian.detach()
 
@@ -529,9 +567,13 @@ def decoder_jacobian(
         z: latent points, shape ``(N, d)``, floating point (float32 or float64, any device).
         condition: optional per-sample condition, shape ``(N, ...)``.
         mode: ``"forward"`` (``jacfwd``, ``d`` JVPs a sample), ``"reverse"`` (``jacrev``, ``D`` VJPs a sample),
-            ``"auto"`` (forward when the flattened output ``D`` exceeds ``d``, reverse otherwise; falls back to
-            ``"loop"`` with a warning when ``torch.func`` cannot trace the decoder) or ``"loop"`` (plain
-            ``torch.autograd``: ``d`` forward-mode passes or ``D`` backward passes over the batch).
+            ``"auto"`` (the decoder's own ``decoder_jacobian(z, condition, create_graph=...)`` method where it has
+            one: :class:`lightning_mem.ode.ODEDecoder` integrates the tangent ODE,
+            :class:`lightning_mem.inverse.InverseJacobianDecoder` inverts its encoder's Jacobian; otherwise forward
+            when the flattened output ``D`` exceeds ``d``, reverse otherwise; falls back to ``"loop"`` with a
+            warning when ``torch.func`` cannot trace the decoder) or ``"loop"`` (plain ``torch.autograd``: ``d``
+            forward-mode passes or ``D`` backward passes over the batch). Forward mode runs attention on kernels it
+            can differentiate (:func:`forward_mode_kernels`).
         chunk_size: samples differentiated at once; bounds peak memory at about ``chunk_size`` times one
             sample's cost. ``None`` does all samples at once.
         create_graph: keep the autograd graph so that the result can be differentiated (e.g. for a training
@@ -601,6 +643,8 @@ def iter_decoder_jacobian_columns(
     Sample ``n`` is pushed forward along the ``k`` latents ``columns[n]`` only (``k`` forward-mode JVPs instead of
     ``d``), e.g. with the design of :func:`lightning_mem.functional.estimators.sample_latent_columns`. Where
     ``torch.func`` cannot trace the decoder, a loop of ``torch.autograd.forward_ad`` passes is used (one warning).
+    A decoder with its own ``decoder_jacobian_columns(z, columns, condition)`` method (an
+    :class:`lightning_mem.ode.ODEDecoder`: the tangent ODE with ``k`` tangents) is asked for them instead.
 
     Args:
         decoder, z, condition, chunk_size, latent_shape, output_key: as for :func:`decoder_jacobian`.
@@ -626,6 +670,14 @@ def iter_decoder_jacobian_columns(
         raise ValueError(f"Expected `columns` of shape ({z.shape[0]}, k), integer, but got {getattr(columns, 'shape', columns)!r}.")
     call, probe, guard = _prepare(decoder, z, condition, chunk_size, latent_shape, output_key)
     output_shape = probe.shape[1:]
+    own_columns = getattr(decoder, "decoder_jacobian_columns", None) if latent_shape is None and output_key is None else None
+    if callable(own_columns):  # e.g. an ODE decoder: the tangent ODE with k tangents
+
+        def own(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
+            return own_columns(z_rows, columns[rows], c_rows)
+
+        yield from _chunked(z, condition, chunk_size, own, own, fallback=False, guard=guard)
+        return
 
     def as_columns(out: Tensor) -> Tensor:  # (k, n, *output_shape) -> (n, *output_shape, k)
         return out.movedim(0, -1).reshape(out.shape[1], *output_shape, out.shape[0])
@@ -634,12 +686,12 @@ def iter_decoder_jacobian_columns(
         def push_forward(tangent: Tensor) -> Tensor:
             return jvp(lambda z_: call(z_, c_rows), (z_rows,), (tangent,))[1]
 
-        with torch.no_grad():
+        with torch.no_grad(), forward_mode_kernels():
             return as_columns(vmap(push_forward)(_column_tangents(z_rows, columns[rows])))
 
     def loop(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
         outputs = []
-        with torch.no_grad(), forward_ad.dual_level():
+        with torch.no_grad(), forward_mode_kernels(), forward_ad.dual_level():
             for tangent in _column_tangents(z_rows, columns[rows]):
                 out = call(forward_ad.make_dual(z_rows, tangent), c_rows)
                 column = forward_ad.unpack_dual(out).tangent
