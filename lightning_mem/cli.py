@@ -6,10 +6,34 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
 _PROG = "lightning-mem"
+
+_DEMO_PACKAGES = {"sklearn": "scikit-learn", "FrEIA": "FrEIA"}
+"""The import names of the demo's optional packages (the ``demo`` extra) and the names pip knows them by."""
+
+_EVALUATE_DESCRIPTION = """\
+Load a LightningModule checkpoint, compute its manifold entropic metrics at prior samples, and write report.json,
+spectrum.png and pairwise_mutual_information.png into --out (default: <checkpoint stem>_mem next to the checkpoint).
+
+--checkpoint may also be a folder of checkpoints (*.ckpt: a run's checkpoints/ folder, or the run folder above it):
+every checkpoint is evaluated at the same prior samples (--num-samples, --seed), in the order of the global_step
+stored in it (not of its name), with its report and figures in OUT/<checkpoint stem>/; then OUT (default: <folder
+name>_mem next to the folder) gets the metric-vs-step curves:
+  curves.csv   a row per checkpoint: step, epoch, checkpoint, entropy, entropy_per_dim, total_correlation,
+               total_correlation_per_dim, num_active, pairwise_mutual_information_max,
+               pairwise_mutual_information_mean, spectrum_1 .. spectrum_d (the sorted H_i),
+               latent_entropy_0 .. latent_entropy_<d-1> (H_i by latent)
+  curves.png   entropy, total correlation, active latents and MPMI against the step
+  spectra.png  the entropy spectra of all checkpoints, coloured by step
+Every checkpoint file is read and the output folder checked before any Jacobian is computed; every file is
+written atomically.
+
+Progress goes to stderr: a bar on a terminal; in a log or pipe a line per tenth of the Jacobian chunks (one
+checkpoint) or per checkpoint (a folder)."""
 
 
 def _positive_int(text: str) -> int:
@@ -41,6 +65,7 @@ def _output_key(text: str) -> str | int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lightning_mem import __version__
     from lightning_mem._checks import JACOBIAN_MODES
     from lightning_mem.demo import MODELS
     from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD
@@ -48,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG, description="Manifold entropic metrics of generative models (Galperin & Köthe, AISTATS 2025)."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,evaluate}")
 
     demo = commands.add_parser(
@@ -60,17 +86,23 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs", help="root folder of the TensorBoard runs (default: runs)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--model", choices=MODELS, default="vae", help="vae: beta-VAE on 8x8 digits; flow: coupling flow on two moons")
-    demo.add_argument("--no-progress-bar", action="store_true", help="hide Lightning's progress bar")
+    demo.add_argument(
+        "--no-progress-bar",
+        action="store_true",
+        help="no training progress (by default Lightning's progress bar on a terminal, else a line per tenth of the steps)",
+    )
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="compute every metric of a LightningModule checkpoint and write a JSON report and figures",
-        description="Load a LightningModule checkpoint, compute its manifold entropic metrics at prior samples, and write "
-        "report.json, spectrum.png and pairwise_mutual_information.png.",
+        help="compute every metric of a LightningModule checkpoint (or of a folder of them) and write reports and figures",
+        description=_EVALUATE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument("--module-class", required=True, help="import path of the LightningModule class, e.g. mypkg.models:VAE")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint file (.ckpt)")
-    evaluate.add_argument("--out", default=None, help="output folder (default: <checkpoint stem>_mem next to the checkpoint)")
+    evaluate.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (.ckpt), or a folder of them (see above)")
+    evaluate.add_argument(
+        "--out", default=None, help="output folder (default: <checkpoint stem>_mem, or <folder name>_mem, next to --checkpoint)"
+    )
     evaluate.add_argument("--num-samples", type=_positive_int, default=1024, help="prior samples (default: 1024)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the latent samples (default: 0)")
     evaluate.add_argument(
@@ -104,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"a latent is active when exp(H_i - h0), its geometric-mean column norm, exceeds this (default {DEFAULT_ACTIVE_THRESHOLD})",
     )
     evaluate.add_argument("--double", action="store_true", help="evaluate the decoder in float64")
-    evaluate.add_argument("--no-progress-bar", action="store_true", help="hide the progress bar")
+    evaluate.add_argument("--no-progress-bar", action="store_true", help="no progress on stderr")
     return parser
 
 
@@ -112,7 +144,15 @@ def _demo(args: argparse.Namespace) -> int:
     from lightning_mem.demo import run_demo
     from lightning_mem.evaluate import format_metrics
 
-    result = run_demo(steps=args.steps, out=args.out, seed=args.seed, model=args.model, progress_bar=not args.no_progress_bar)
+    try:
+        result = run_demo(steps=args.steps, out=args.out, seed=args.seed, model=args.model, progress_bar=not args.no_progress_bar)
+    except ModuleNotFoundError as error:
+        package = _DEMO_PACKAGES.get((error.name or "").partition(".")[0])
+        if package is None:
+            raise
+        which = "the demo" if args.model == "vae" else f"the {args.model} demo"
+        print(f'{_PROG} demo: error: {which} needs {package}: pip install "lightning_mem[demo]"', file=sys.stderr)
+        return 2
     print()
     print(
         format_metrics(result["metrics"], title=f"Manifold entropic metrics of the demo {result['model']} after {result['steps']} steps:")
@@ -133,12 +173,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from lightning_mem.evaluate import evaluate_checkpoint, format_metrics
+    from lightning_mem.evaluate import evaluate_checkpoint, evaluate_checkpoints, format_curves, format_metrics
 
     if os.getcwd() not in sys.path:  # `--module-class ae_mod:AE` imports from the working directory, as `python -m` would
         sys.path.insert(0, os.getcwd())
+    folder = Path(args.checkpoint).is_dir()
     try:
-        report = evaluate_checkpoint(
+        result = (evaluate_checkpoints if folder else evaluate_checkpoint)(
             args.checkpoint,
             args.module_class,
             out_dir=args.out,
@@ -159,9 +200,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         message = " ".join(str(error).split())  # one line
         print(f"{_PROG} evaluate: error: {message}", file=sys.stderr)
         return 2
-    print(format_metrics(report, title=f"Manifold entropic metrics of {report['checkpoint']} ({report['num_samples']} prior samples):"))
+    if folder:
+        reports = result["checkpoints"]
+        title = f"Manifold entropic metrics of {len(reports)} checkpoints in {result['folder']} ({args.num_samples} prior samples):"
+        print(format_curves(reports, title=title))
+        files = {**result["files"], "reports": str(Path(result["files"]["curves"]).parent / "<checkpoint stem>" / "report.json")}
+    else:
+        print(format_metrics(result, title=f"Manifold entropic metrics of {result['checkpoint']} ({result['num_samples']} prior samples):"))
+        files = result["files"]
     print()
-    for name, path in report["files"].items():
+    for name, path in files.items():
         print(f"{name:<28} {path}")
     return 0
 

@@ -147,6 +147,7 @@ def test_a_dotted_decoder_path_and_the_latent_size_from_its_first_layer(user_mod
     assert direct["entropy"] == pytest.approx(report["entropy"], abs=1e-6)  # decode is nets.gen
 
 
+@pytest.mark.slow
 def test_module_class_is_imported_from_the_working_directory(user_module, tmp_path):
     """As the ``lightning-mem`` console script runs: the working directory is not on ``sys.path`` by itself."""
     checkpoint = user_module[1]()
@@ -158,3 +159,12 @@ def test_module_class_is_imported_from_the_working_directory(user_module, tmp_pa
     result = subprocess.run([*isolated, cli, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ae_mem" / "report.json").is_file()
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--version"])
+    assert exit_status.value.code == 0
+    assert capsys.readouterr().out == f"lightning-mem {version('lightning_mem')}\n"
