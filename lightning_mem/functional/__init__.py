@@ -1,5 +1,6 @@
 """Manifold entropic metrics as pure functions of decoder Jacobians (or their Gram matrices)."""
 
+from lightning_mem.functional.active import ActiveLatents, active_latents
 from lightning_mem.functional.alignment import alignment_summary, informational_correlation
 from lightning_mem.functional.gram import decoder_gram, jacobian_gram
 from lightning_mem.functional.manifold import (
@@ -16,6 +17,8 @@ __all__ = [
     "DEFAULT_ACTIVE_THRESHOLD",
     "DEFAULT_EPS",
     "STANDARD_NORMAL_ENTROPY",
+    "ActiveLatents",
+    "active_latents",
     "alignment_summary",
     "decoder_gram",
     "entropy_spectrum",
