@@ -256,7 +256,7 @@ def digits():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("beta", [0.5, 1.0, 2.0, 8.0])
+@pytest.mark.parametrize("beta", [1.0, 8.0])  # some latents active, none active (beta 0.5 and 2 agree too: docs)
 def test_equals_the_kl_count_on_the_digits_beta_sweep(digits, beta):
     from lightning_mem.demo.models import BetaVAE
 
