@@ -18,20 +18,19 @@ cores); ``--quick`` at the test suite's size.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import jacfwd, jvp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_mem import decoder_jacobian
 from lightning_mem.functional import manifold_entropy
 from lightning_mem.inverse import InverseJacobianDecoder
+from lightning_mem.jacobian import forward_mode_kernels
 from lightning_mem.ode import ODEDecoder
 
 F64 = torch.float64
@@ -216,18 +215,6 @@ def ode_jacobian_case(
 # -------------------------------------------------------------------------------------- attention
 
 
-@contextlib.contextmanager
-def forward_mode_attention() -> Iterator[None]:
-    """Attention kernels forward-mode AD can differentiate: the SDPA math backend, the fused MHA fast path off."""
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
 class TokenDecoder(nn.Module):
     """``d = tokens * token_dim`` latents -> embedding -> ``nn.TransformerEncoder`` -> ``tokens * output_dim`` outputs."""
 
@@ -258,7 +245,7 @@ def attention_jacobian_case(
 ) -> dict[str, float]:
     """A transformer decoder: the engine in forward mode (math attention kernel) vs its floor and reverse mode.
 
-    Returns seconds for ``forward`` (``decoder_jacobian(mode="forward")`` inside :func:`forward_mode_attention`),
+    Returns seconds for ``forward`` (``decoder_jacobian(mode="forward")`` inside :func:`lightning_mem.jacobian.forward_mode_kernels`),
     ``floor`` (bare ``vmap(jacfwd)`` inside it) and ``reverse``; ``ratio_floor`` = ``forward / floor``; and
     ``max_abs_error`` against ``torch.autograd.functional.jacobian`` in float64 (4 samples).
     """
@@ -268,12 +255,12 @@ def attention_jacobian_case(
     z = _latents(num_samples, d, dtype, seed)
 
     def floor(z: Tensor) -> None:
-        with torch.no_grad(), forward_mode_attention():
+        with torch.no_grad(), forward_mode_kernels():
             for chunk in z.split(chunk_size):
                 vmap(jacfwd(lambda v: decoder(v[None])[0]))(chunk)
 
     def engine(mode: str, z: Tensor) -> None:
-        with forward_mode_attention():
+        with forward_mode_kernels():
             for chunk in z.split(chunk_size):
                 decoder_jacobian(decoder, chunk, mode=mode)
 
@@ -282,7 +269,7 @@ def attention_jacobian_case(
     )
     decoder.to(F64)
     z64 = _latents(4, d, F64, seed)
-    with forward_mode_attention():
+    with forward_mode_kernels():
         jacobian = decoder_jacobian(decoder, z64, mode="forward")
     truth = torch.stack([torch.autograd.functional.jacobian(lambda v: decoder(v[None])[0], z_n) for z_n in z64])
     return {

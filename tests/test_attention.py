@@ -10,33 +10,18 @@ the same values. Until the engine selects them itself, these tests enter that co
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 import torch
 from conftest import autograd_jacobian
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_mem import decoder_jacobian, iter_decoder_jacobian_columns
+from lightning_mem.jacobian import forward_mode_kernels
 
 F64 = torch.float64
 TOKENS, TOKEN_DIM, WIDTH, OUTPUT_DIM = 4, 2, 16, 6
 """A decoder from 4 latent tokens of 2 dims (d = 8) to 4 output tokens of 6 values (D = 24 > d: forward mode)."""
-
-
-@contextlib.contextmanager
-def forward_mode_attention() -> Iterator[None]:
-    """Attention kernels forward-mode AD can differentiate: the SDPA math backend, the fused MHA fast path off."""
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 class TransformerDecoder(nn.Module):
@@ -100,7 +85,7 @@ def test_forward_mode_jacobian_equals_the_float64_autograd_jacobian(name):
     decoder = DECODERS[name]().to(F64).eval()
     z = _latents(5)
     truth = autograd_jacobian(decoder, z)  # reverse mode, with gradients on: no fused forward-only kernel
-    with forward_mode_attention():
+    with forward_mode_kernels():
         jacobian = decoder_jacobian(decoder, z, mode="forward", chunk_size=2)
     assert jacobian.shape == (5, TOKENS, OUTPUT_DIM, TOKENS * TOKEN_DIM)
     torch.testing.assert_close(jacobian, truth, rtol=0, atol=1e-12)
@@ -113,7 +98,7 @@ def test_float32_forward_mode_is_close_to_float64():
     decoder = TransformerDecoder().eval()
     z = _latents(3, torch.float32)
     truth = autograd_jacobian(TransformerDecoder().to(F64).eval(), z.double())
-    with forward_mode_attention():
+    with forward_mode_kernels():
         jacobian = decoder_jacobian(decoder, z)  # auto: forward mode (D > d)
     assert jacobian.dtype == torch.float32
     torch.testing.assert_close(jacobian.double(), truth, rtol=0, atol=1e-5)
@@ -123,7 +108,7 @@ def test_sampled_columns_through_attention():
     decoder = CausalAttentionDecoder().to(F64).eval()
     z = _latents(4)
     columns = torch.tensor([[0, 5], [7, 1], [2, 2], [6, 3]])
-    with forward_mode_attention():
+    with forward_mode_kernels():
         sampled = torch.cat(list(iter_decoder_jacobian_columns(decoder, z, columns, chunk_size=3)))
     full = autograd_jacobian(decoder, z)
     torch.testing.assert_close(sampled, torch.stack([full[n][..., columns[n]] for n in range(4)]), rtol=0, atol=1e-12)
@@ -131,6 +116,6 @@ def test_sampled_columns_through_attention():
 
 def test_the_context_restores_the_attention_settings():
     before = torch.backends.mha.get_fastpath_enabled()
-    with forward_mode_attention():
+    with forward_mode_kernels():
         assert not torch.backends.mha.get_fastpath_enabled()
     assert torch.backends.mha.get_fastpath_enabled() == before
