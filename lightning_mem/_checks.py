@@ -14,11 +14,13 @@ __all__ = [
     "check_eval_mode",
     "check_finite",
     "check_gram",
+    "check_gram_values",
     "check_jacobian",
     "check_labels",
     "check_latents",
     "check_mode",
     "check_non_negative_float",
+    "check_not_meta",
     "check_positive_float",
     "check_positive_int",
     "check_scale",
@@ -58,6 +60,7 @@ def check_latents(z: Any, condition: Any = None) -> None:
     """Check latents ``(N, d)`` (floating point, non-empty) and an optional per-sample ``condition`` ``(N, ...)``."""
     if not isinstance(z, Tensor):
         raise TypeError(f"Expected `z` to be a torch.Tensor, but got {type(z).__name__}.")
+    check_not_meta(z, "z")
     if z.ndim != 2:
         raise ValueError(f"Expected `z` of shape (N, d), but got {tuple(z.shape)}.")
     if z.shape[0] == 0 or z.shape[1] == 0:
@@ -95,6 +98,7 @@ def check_jacobian(jacobian: Any, name: str = "jacobian", latent_dim: int | None
     """
     if not isinstance(jacobian, Tensor):
         raise TypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(jacobian).__name__}.")
+    check_not_meta(jacobian, name)
     if not jacobian.is_floating_point():
         raise TypeError(f"Expected `{name}` to be a floating point tensor, but got dtype {jacobian.dtype}.")
     expected_d = "d" if latent_dim is None else f"d == {latent_dim}"
@@ -111,6 +115,7 @@ def check_gram(gram: Any, name: str = "gram", latent_dim: int | None = None) -> 
     """Validate a ``(N, d, d)`` batch of Gram matrices (floating point, finite) and return it."""
     if not isinstance(gram, Tensor):
         raise TypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(gram).__name__}.")
+    check_not_meta(gram, name)
     if not gram.is_floating_point():
         raise TypeError(f"Expected `{name}` to be a floating point tensor, but got dtype {gram.dtype}.")
     d = gram.shape[-1] if gram.ndim else 0
@@ -246,3 +251,46 @@ def check_callback_inputs(
     if sigma.ndim != 1 or (latent_dim is not None and sigma.numel() != latent_dim):
         raise ValueError(f"Expected `sigma` of shape (latent_dim,), but got {tuple(sigma.shape)}.")
     return check_scale(sigma, "sigma")
+
+
+def check_not_meta(tensor: Tensor, name: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` if ``tensor`` is on the meta device (a shape without values)."""
+    if tensor.is_meta:
+        raise ValueError(
+            f"Expected `{name}` to hold values, but got a tensor on the meta device (shape {tuple(tensor.shape)}, no data): "
+            "create or move it on a real device (a module built on the meta device needs `.to_empty(device=...)` and its weights)."
+        )
+
+
+def check_gram_values(gram: Tensor, name: str = "gram") -> Tensor:
+    """Check that a ``(N, d, d)`` batch holds Gram matrices :math:`J^\\top J` up to rounding, and return it.
+
+    Symmetric, a non-negative diagonal, and :math:`|G_{ij}| \\le \\sqrt{G_{ii} G_{jj}}` (:math:`|\\rho_{ij}| \\le 1`), each
+    within a relative ``sqrt(finfo(dtype).eps)`` (1.5e-8 for float64, 3.5e-4 for float32).
+    """
+    tolerance = math.sqrt(torch.finfo(gram.dtype).eps)
+    values = gram.detach()
+    diag = values.diagonal(dim1=-2, dim2=-1)
+    negative = diag < 0
+    if bool(negative.any()):
+        n, i = (int(k) for k in negative.nonzero()[0])
+        raise ValueError(
+            f"Expected `{name}` to have a non-negative diagonal (G_ii = |J_i|^2), but sample {n} has G[{i}, {i}] = {float(diag[n, i]):.6g}."
+        )
+    root = diag.sqrt()
+    bound = root[:, :, None] * root[:, None, :]
+    asymmetric = (values - values.mT).abs() > tolerance * bound
+    if bool(asymmetric.any()):
+        n, i, j = (int(k) for k in asymmetric.nonzero()[0])
+        raise ValueError(
+            f"Expected `{name}` to be symmetric (G = J^T J), but sample {n} has G[{i}, {j}] = {float(values[n, i, j]):.6g} "
+            f"and G[{j}, {i}] = {float(values[n, j, i]):.6g}."
+        )
+    beyond = values.abs() > (1.0 + tolerance) * bound
+    if bool(beyond.any()):
+        n, i, j = (int(k) for k in beyond.nonzero()[0])
+        raise ValueError(
+            f"Expected |G_ij| <= sqrt(G_ii G_jj) in `{name}` (|rho_ij| <= 1, as for any J^T J), but sample {n} has "
+            f"G[{i}, {j}] = {float(values[n, i, j]):.6g} with sqrt(G_ii G_jj) = {float(bound[n, i, j]):.6g}."
+        )
+    return gram

@@ -143,7 +143,8 @@ def test_linear_decoder_with_a_zero_column(zero_column, eps):
     got = all_metrics(jacobian, eps=eps)
     for value in got.values():
         assert torch.isfinite(value).all()
-    floor = H0 + 0.5 * math.log(eps)
+    # the floor is relative to the sample's own scale: eps times its largest squared column norm
+    floor = H0 + 0.5 * math.log(eps * float(a.square().sum(0).max()))
     expected_per_dim = torch.full((4,), floor, dtype=F64)
     expected_per_dim[active] = sub["entropy_per_dim"]
     close(got["entropy_per_dim"], expected_per_dim)
@@ -182,15 +183,22 @@ def rank_deficient_jacobian(n: int, big_d: int, singular_values: list[float], se
 @pytest.mark.parametrize(
     "singular_values", [[2.0, 0.7, 0.0], [300.0, 0.0, 0.0], [1e3, 5.0, 0.0, 0.0]], ids=["rank2", "rank1_large", "rank2_large"]
 )
-def test_rank_deficient_jacobian_total_entropy_is_the_eigenvalue_clamp_in_every_latent_order(big_d, singular_values):
-    """G has eigenvalues s_k^2 and zeros: H = d h0 + 1/2 (sum_k log s_k^2 + #zeros log eps), whatever the latent order.
+def test_rank_deficient_jacobian_total_entropy_is_the_rank_tolerance_in_every_latent_order(big_d, singular_values):
+    """Dependent columns: log det G = sum_i log G_ii + sum_k log max(s_k, tol)^2, with s_k the singular values of the
+    unit-column Jacobian (numpy's rank tolerance tol = max(D, d) u), whatever the latent order.
 
-    The large cases have rounding-sized eigenvalues above eps (|G| ~ 1e5): they must still count as zero.
+    The large cases have rounding-sized singular values (|G| ~ 1e5): they must still count as zero.
     """
     d, n = len(singular_values), 20
     jacobian = rank_deficient_jacobian(n, big_d, singular_values, seed=8)
-    rank = min(sum(v > 0 for v in singular_values), big_d)
-    expected = d * H0 + 0.5 * (sum(2 * math.log(v) for v in singular_values[:rank]) + (d - rank) * math.log(DEFAULT_EPS))
+    tolerance = max(big_d, d) * torch.finfo(F64).eps
+    units = jacobian / jacobian.norm(dim=1, keepdim=True)
+    # the naive formula: the exact singular values of the unit columns (the rank-deficient ones are rounding), floored
+    unit_singular = torch.linalg.svdvals(units).clamp_min(tolerance)
+    if d > big_d:  # a D x d Jacobian with D < d has d - D more zero singular values
+        unit_singular = torch.cat([unit_singular, torch.full((n, d - big_d), tolerance, dtype=F64)], dim=1)
+    log_det = jacobian.square().sum(1).log().sum(1) + 2 * unit_singular.log().sum(1)
+    expected = d * H0 + 0.5 * float(log_det.mean())
     for perm in itertools.permutations(range(d)):
         permuted = jacobian[..., list(perm)]
         per_dim, total = manifold_entropy(permuted)
@@ -207,11 +215,12 @@ def test_full_rank_jacobian_takes_no_fallback():
     assert torch.equal(statistics.num_fallback, torch.zeros(1, dtype=F64))
 
 
-def test_zero_column_counts_as_fallback_and_inactive():
+def test_zero_column_counts_as_inactive_not_as_fallback():
+    """An inactive column is left out of the determinant (orthogonal at its floor): the rest is well conditioned."""
     a = random_matrix(5, 3, 12)
     a[:, 1] = 0
     statistics = gram_statistics(jacobian_gram(linear_jacobian(a, 4)))
-    assert torch.equal(statistics.num_fallback, torch.tensor([4.0], dtype=F64))
+    assert torch.equal(statistics.num_fallback, torch.zeros(1, dtype=F64))
     assert torch.equal(statistics.num_inactive, torch.tensor([[0.0, 4.0, 0.0]], dtype=F64))
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from lightning_mem._checks import check_eval_mode, check_latents, check_positive_float, check_positive_int, check_scale
 from lightning_mem.decoders import InvertibleDecoder
 from lightning_mem.functional.gram import jacobian_gram
-from lightning_mem.functional.statistics import DEFAULT_EPS, STANDARD_NORMAL_ENTROPY, gram_statistics, pairwise_terms
+from lightning_mem.functional.statistics import DEFAULT_EPS, STANDARD_NORMAL_ENTROPY, batch_statistics, pairwise_terms
 from lightning_mem.jacobian import call_decoder, iter_decoder_jacobian_columns, iter_decoder_jacobians
 
 __all__ = [
@@ -179,7 +179,9 @@ def sampled_gram_statistics(
             FrEIA network, or ``True`` for a decoder made by :func:`lightning_mem.as_decoder`.
         std, sigma: data scale (scalar or per output entry) and latent scale ``(d,)``, as in
             :func:`lightning_mem.functional.jacobian_gram`.
-        eps: floor on :math:`G_{ii}` (inactive columns).
+        eps: with all columns, the relative floor of :func:`~lightning_mem.functional.manifold_entropy`
+            (:math:`G_{ii} \le \epsilon \max_j G_{jj}`); with sampled columns, an absolute floor on :math:`G_{ii}`
+            (a sample's other columns are not computed, so its largest is unknown).
         chunk_size: samples pushed forward at once (``k`` JVPs each); ``None`` for all.
 
     Returns:
@@ -228,7 +230,7 @@ def sampled_gram_statistics(
     if num_columns is None or num_columns == d:
         exact = None
         for jacobian in iter_decoder_jacobians(decoder, z, condition=condition, chunk_size=chunk_size):
-            part = gram_statistics(jacobian_gram(jacobian, std=std, sigma=sigma), eps=eps)
+            part = batch_statistics(jacobian, std=std, sigma=sigma, eps=eps)
             exact = part if exact is None else type(part)(*(a + b for a, b in zip(exact, part, strict=True)))
         off_diagonal = 1.0 - torch.eye(d, dtype=torch.float64, device=z.device)
         count = exact.count[0]

@@ -50,21 +50,39 @@ def manifold_entropy(
 
     Args:
         jacobian: decoder Jacobians ``(N, *output_shape, d)`` (e.g. from :func:`lightning_mem.decoder_jacobian`).
-        gram: alternatively, their Gram matrices ``(N, d, d)``.
+        gram: alternatively, their Gram matrices ``(N, d, d)`` (symmetric, non-negative diagonal,
+            :math:`|G_{ij}| \le \sqrt{G_{ii}G_{jj}}`). Only the Gram route exists then: ill-conditioned samples
+            (condition number of the unit-column Jacobian beyond about 1e5) lose accuracy, see below.
         std: data scale (scalar or per output entry): metrics in original data units for a decoder of
             standardized data. A scalar adds ``log std`` to every :math:`H_i`.
         sigma: latent scale ``(d,)`` for a prior :math:`N(\mu, \mathrm{diag}(\sigma^2))`.
         per_dim: divide the total by ``d`` (nats/dim). :math:`H_i` is per dim already.
-        eps: floor on :math:`G_{ii}` (and on the eigenvalues of a singular ``G``): an inactive (zero) column gives the finite
-            :math:`h_0 + \tfrac12\log\epsilon` instead of :math:`-\infty`.
+        eps: relative floor: in each sample, column ``i`` is *inactive* when :math:`G_{ii} \le \epsilon \max_j G_{jj}`
+            (norm at most :math:`\sqrt\epsilon` times the sample's largest column; :math:`\epsilon` itself for an all-zero
+            Jacobian). Its :math:`\log G_{ii}` is taken at the floor (finite, instead of :math:`-\infty`), and it is
+            left out of the dependence terms (orthogonal to the rest). Scale-free: :math:`cJ` gives :math:`H_i + \log c`
+            for every latent, and the same MTC and MPMI, for any :math:`c > 0`.
         labels, num_classes: class-conditional mode: the metric of each class, averaged over the classes present.
 
     Returns:
         ``(entropy_per_dim, total)`` of shapes ``(d,)`` and ``()``, float64.
 
+    Accuracy: :math:`\log\det G` is taken from the Cholesky factor of :math:`G` where that is accurate, and from the
+    Jacobian itself where forming :math:`G` (which squares the condition number) would lose digits: a QR
+    factorisation refined with a twice-precision residual, or the singular values where the columns are numerically
+    dependent (:func:`~lightning_mem.functional.statistics.batch_statistics` has the details). For a float64 Jacobian
+    :math:`H` is then within about 1e-8 nats of the exact value of the Jacobian given, up to condition numbers of
+    1e12 and entries from 1e-300 to 1e300. A float32 Jacobian is used exactly as given, but it carries its own
+    rounding: relative to the float64 decoder its :math:`\log\det` is off by up to about :math:`6\cdot10^{-8}\kappa`
+    nats (:math:`\kappa` the condition number of the unit-column Jacobian; measured: 5e-8 nats at :math:`\kappa = 10^2`,
+    2e-5 at :math:`10^4`, 3e-4 at :math:`10^6`; from about :math:`10^7` on its smallest singular direction is rounding).
+    Evaluate ill-conditioned decoders in float64.
+
     Raises:
-        ValueError: on a wrong shape, an empty batch, non-finite entries, or both/neither of ``jacobian`` and ``gram``.
-        TypeError: on an integer dtype.
+        ValueError: on a wrong shape, an empty batch, non-finite entries, a meta tensor, both/neither of ``jacobian``
+            and ``gram``, or a ``gram`` that is not a batch of Gram matrices (asymmetric, a negative diagonal,
+            :math:`|\rho_{ij}| > 1` beyond rounding).
+        TypeError: on an integer dtype or a non-tensor (e.g. a list).
 
     Example:
         >>> import torch
@@ -100,7 +118,9 @@ def manifold_total_correlation(
         \mathrm{MTC} = \sum_i H_i - H = \tfrac12 \mathbb{E}_z\Big[\sum_i \log G_{ii} - \log\det G\Big] \ \ge 0,
 
     zero exactly when the decoder's Jacobian columns are orthogonal everywhere (Hadamard's inequality). It equals
-    the IMA contrast of Gresele et al. (2021). Data and latent scaling leave it unchanged.
+    the IMA contrast of Gresele et al. (2021). Data and latent scaling leave it unchanged, and so does scaling
+    :math:`J` by any constant (inactive columns are found relative to each sample's largest). Accuracy as for
+    :func:`manifold_entropy`; for ``d = 2`` it equals the pairwise mutual information of the two latents.
 
     Args:
         jacobian, gram, std, sigma, eps, labels, num_classes: as in :func:`manifold_entropy`.
@@ -140,7 +160,10 @@ def manifold_pairwise_mutual_information(
         \qquad \rho_{ij} = \frac{G_{ij}}{\sqrt{G_{ii}G_{jj}}},
 
     a "non-linear cosine similarity" of the two latents' effects on the data. Symmetric, non-negative, with the
-    diagonal reported as zero. Computed for all pairs at once (no loop over pairs).
+    diagonal reported as zero, and zero for a pair with an inactive latent (see ``eps``). Computed for all pairs at
+    once (no loop over pairs). For nearly collinear columns (:math:`1 - \rho^2 < 10^{-4}`) :math:`1 - \rho^2` is taken
+    from the Jacobian's unit columns as :math:`\|u_i - u_j\|^2\|u_i + u_j\|^2/4`, free of cancellation; it is floored
+    at the float64 epsilon :math:`u` (collinear columns: :math:`-\tfrac12\log u = 18.0` nats).
 
     Args:
         jacobian, gram, std, sigma, eps, labels, num_classes: as in :func:`manifold_entropy`.
@@ -189,8 +212,11 @@ def manifold_cross_mutual_information(
         jacobian: ``(N, *output_shape, d)``.
         reference_jacobian: ``(N, *output_shape, d_ref)``, the same ``N`` samples and output shape.
         std: data scale shared by both decoders.
-        sigma, reference_sigma: latent scales ``(d,)`` and ``(d_ref,)``.
-        eps, labels, num_classes: as in :func:`manifold_entropy`.
+        sigma, reference_sigma: latent scales ``(d,)`` and ``(d_ref,)`` (they cancel in :math:`\rho`, but take part in
+            deciding which columns are inactive).
+        eps, labels, num_classes: as in :func:`manifold_entropy`; each decoder's columns are measured against its own
+            largest column, and a pair with an inactive column contributes 0. Nearly collinear pairs as in
+            :func:`manifold_pairwise_mutual_information`.
 
     Returns:
         ``(d, d_ref)`` float64.

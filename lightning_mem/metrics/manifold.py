@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -32,6 +33,17 @@ __all__ = [
     "ManifoldPairwiseMutualInformation",
     "ManifoldTotalCorrelation",
 ]
+
+
+def _as_list(value: Tensor | float | None) -> list[float] | None:
+    """A scale setting as a plain list of floats (comparable, hashable through ``repr``), ``None`` kept."""
+    return None if value is None else torch.as_tensor(value, dtype=torch.float64).flatten().tolist()
+
+
+def _setting(value: Tensor) -> str:
+    """A configuration entry for a message: sizes as ints (0 meaning none), ``eps`` as a float."""
+    number = float(value)
+    return "None" if number == 0 else str(int(number)) if number.is_integer() and number >= 1 else repr(number)
 
 
 class _SumMetric(Metric):
@@ -65,10 +77,72 @@ class _SumMetric(Metric):
         self.eps = eps
         self.num_classes = num_classes
 
+    def _configuration(self) -> dict[str, Any]:
+        """What decides the sums an ``update`` adds: metrics that differ in it must never add up or share states."""
+        return {
+            "latent_dim": self.latent_dim,
+            "reference_dim": getattr(self, "reference_dim", None),
+            "num_classes": self.num_classes,
+            "eps": self.eps,
+            "std": _as_list(self.std),
+            "sigma": _as_list(self.sigma),
+            "reference_sigma": _as_list(getattr(self, "reference_sigma", None)),
+        }
+
+    def _configuration_state(self) -> Tensor:
+        """The configuration as a float64 state: the sizes, ``eps``, and 8 bytes (0..255) of a SHA-256 of all of it.
+
+        A state, so that ``MetricCollection`` (which lets metrics whose states are equal after the first update share
+        one set of states) never groups metrics of different configurations; reduced with ``max`` (equal everywhere),
+        kept by ``reset``. The bytes differ by at least 1 where any setting differs, beyond ``torch.allclose``.
+        """
+        configuration = self._configuration()
+        digest = hashlib.sha256(repr(sorted(configuration.items())).encode()).digest()[:8]
+        sizes = [float(configuration[key] or 0) for key in ("latent_dim", "reference_dim", "num_classes")]
+        return torch.tensor([*sizes, float(self.eps), *digest], dtype=torch.float64)
+
     def _add_sum_states(self, shapes: dict[str, tuple[int, ...]]) -> None:
         rows = 1 if self.num_classes is None else self.num_classes
         for name, shape in shapes.items():
             self.add_state(name, default=torch.zeros((rows, *shape), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("configuration", default=self._configuration_state(), dist_reduce_fx="max")
+
+    def _apply(self, fn: Any, exclude_state: Any = ()) -> Metric:
+        """Move the states with the module (``.to(device)``, ``.cuda()``) but keep them float64 whatever the dtype
+        asked for (``.to(torch.float16)``, ``.half()``, ``.bfloat16()``, ``set_dtype``): sums of many float64 terms and
+        counts above 2048 do not survive a cast to half precision."""
+        this = super()._apply(fn, exclude_state=tuple(self._defaults))
+        for name, default in this._defaults.items():
+            this._defaults[name] = default.to(device=this.device, dtype=torch.float64)
+            setattr(this, name, getattr(this, name).to(device=this.device, dtype=torch.float64))
+        return this
+
+    def _check_compatible(self, states: dict[str, Any], source: str) -> None:
+        """Raise a ``ValueError`` naming what differs between ``states`` (from ``source``) and this metric's states."""
+        incoming = states.get("configuration")
+        # compared in the incoming precision (a state dict cast to float32 still matches: the digest bytes are exact)
+        own = self.configuration.to(device=incoming.device, dtype=incoming.dtype) if isinstance(incoming, Tensor) else None
+        if isinstance(incoming, Tensor) and incoming.shape == own.shape and not torch.equal(incoming, own):
+            names = ("latent_dim", "reference_dim", "num_classes", "eps")
+            differences = [
+                f"{name} ({_setting(own[i])} here, {_setting(incoming[i])} in the {source})"
+                for i, name in enumerate(names)
+                if float(own[i]) != float(incoming[i])
+            ]
+            if not differences:
+                differences = ["std, sigma or reference_sigma"]
+            raise ValueError(
+                f"Expected the {source} of a {type(self).__name__} with the same configuration, but it differs in "
+                f"{', '.join(differences)}: its sums measure something else."
+            )
+        for name in self._defaults:
+            value = states.get(name)
+            if isinstance(value, Tensor) and tuple(value.shape) != tuple(getattr(self, name).shape):
+                raise ValueError(
+                    f"Expected state `{name}` of shape {tuple(getattr(self, name).shape)} in the {source} "
+                    f"(latent_dim={self.latent_dim}, num_classes={self.num_classes}), but got {tuple(value.shape)}: "
+                    "it comes from a metric with another latent_dim, reference_dim or num_classes."
+                )
 
     def _accumulate(self, statistics: GramStatistics | CrossStatistics) -> None:
         for name, value in zip(statistics._fields, statistics, strict=True):
@@ -80,9 +154,50 @@ class _SumMetric(Metric):
         return self._statistics(*(getattr(self, name) for name in self._statistics._fields))
 
     def merge_state(self, incoming_state: dict[str, Tensor] | Metric) -> None:
-        """Add another metric's (or a state dict's) sums to this one; the cached ``compute`` value is dropped."""
+        """Add another metric's (or a state dict's) sums to this one; the cached ``compute`` value is dropped.
+
+        Raises:
+            ValueError: if the other metric is of another class or configuration (``latent_dim``, ``reference_dim``,
+                ``num_classes``, ``eps``, ``std``, ``sigma``, ``reference_sigma``), or a state has another shape.
+        """
+        if isinstance(incoming_state, _SumMetric):
+            if type(incoming_state) is not type(self):
+                raise ValueError(f"Expected a {type(self).__name__} to merge, but got a {type(incoming_state).__name__}.")
+            mine, theirs = self._configuration(), incoming_state._configuration()
+            differences = [f"{key} ({mine[key]!r} here, {theirs[key]!r} incoming)" for key in mine if mine[key] != theirs[key]]
+            if differences:
+                raise ValueError(
+                    f"Expected a {type(self).__name__} with the same configuration to merge, but it differs in "
+                    f"{', '.join(differences)}: its sums measure something else and cannot be added to these."
+                )
+        elif isinstance(incoming_state, dict):
+            self._check_compatible(incoming_state, "incoming state")
+            incoming_state = {**incoming_state, "configuration": incoming_state.get("configuration", self.configuration)}
+            incoming_state = {
+                name: value.to(device=self.device, dtype=torch.float64) if isinstance(value, Tensor) else value
+                for name, value in incoming_state.items()
+            }
         super().merge_state(incoming_state)
         self._computed = None  # torchmetrics keeps the value cached by an earlier compute() otherwise
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load persistent states, checked first: a state dict of another configuration or shape raises a ``ValueError``
+        here, at load time (not later in ``compute``); one without ``configuration`` (older) keeps this metric's."""
+        states = {name: state_dict[prefix + name] for name in self._defaults if prefix + name in state_dict}
+        self._check_compatible(states, "state dict")
+        for name, value in states.items():
+            if isinstance(value, Tensor):
+                state_dict[prefix + name] = value.to(device=self.device, dtype=torch.float64)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def _classes_seen(self) -> Tensor:
         """Number of classes with samples, warning about classes never seen (call on synced states)."""
@@ -100,9 +215,11 @@ class _SumMetric(Metric):
         """Counts about the accumulated samples (not metric values), synced across processes like ``compute``.
 
         ``num_samples`` ``()``; ``num_classes_seen`` ``()``; for the Gram metrics also ``num_inactive_samples``
-        ``(d,)`` (samples whose column ``i`` was floored at ``eps``) and ``num_fallback`` ``()`` (samples whose
-        log-determinant came from the eigenvalue fallback, see
-        :func:`~lightning_mem.functional.statistics.gram_statistics`). Every process must call it under DDP.
+        ``(d,)`` (samples whose column ``i`` was inactive: :math:`G_{ii} \\le` ``eps`` :math:`\\max_j G_{jj}`) and,
+        except for the pairwise metric, ``num_fallback`` ``()`` (ill-conditioned samples, whose log-determinant was
+        taken from the Jacobian itself, not from the Cholesky factor of :math:`G`: a QR factorisation, refined where
+        needed, or singular values where the columns are numerically dependent; from Gram input, eigenvalues; see
+        :func:`~lightning_mem.functional.statistics.batch_statistics`). Every process must call it under DDP.
         """
         with self.sync_context(dist_sync_fn=self.dist_sync_fn):
             counts = {"num_samples": self.count.sum(), "num_classes_seen": (self.count > 0).sum()}
@@ -193,7 +310,8 @@ class ManifoldEntropy(_EntropyMetric):
         latent_dim: number of latents ``d``.
         std: data scale (scalar or per output entry), see :func:`lightning_mem.functional.manifold_entropy`.
         sigma: latent scale ``(d,)``.
-        eps: floor on :math:`G_{ii}`; columns at or below it count as inactive samples.
+        eps: relative floor: in each sample, column ``i`` is inactive when :math:`G_{ii} \le \epsilon \max_j G_{jj}`
+            (counted in :meth:`diagnostics`; see :func:`lightning_mem.functional.manifold_entropy`).
         num_classes: class-conditional mode: ``update(jacobian, labels)`` accumulates per class, ``compute`` averages
             the classes seen (and warns about classes never seen).
         active_threshold: a latent is active when :math:`\exp(H_i - h_0)` exceeds it.
@@ -308,7 +426,43 @@ class ManifoldEntropicMetrics(_EntropyMetric):
     - ``pairwise_mutual_information`` ``(d, d)``; ``pairwise_mutual_information_max`` ``()`` and
       ``pairwise_mutual_information_mean`` ``()`` over the off-diagonal pairs (0 when ``d == 1``).
 
-    Counts (samples, classes seen, floored columns, eigenvalue fallbacks) are in :meth:`diagnostics`.
+    Counts (samples, classes seen, inactive columns, ill-conditioned samples) are in :meth:`diagnostics`.
+
+    In a LightningModule, log a dict metric's scalar entries with ``self.log_dict`` at the end of the epoch (``compute``
+    already syncs across processes) and a scalar metric such as :class:`ManifoldTotalCorrelation` as the ``Metric``
+    object itself (Lightning computes and resets it):
+
+    .. code-block:: python
+
+        class LitAutoencoder(lightning.LightningModule):
+            def __init__(self, latent_dim: int):
+                super().__init__()
+                ...
+                self.val_mem = ManifoldEntropicMetrics(latent_dim)
+                self.val_total_correlation = ManifoldTotalCorrelation(latent_dim)
+
+            def validation_step(self, batch, batch_idx):
+                jacobian = lightning_mem.decoder_jacobian(self.decoder, self.encoder(batch))  # works in inference mode
+                self.val_mem.update(jacobian)
+                self.val_total_correlation.update(jacobian)
+                self.log("val/total_correlation", self.val_total_correlation)
+
+            def on_validation_epoch_end(self):
+                values = self.val_mem.compute()
+                self.log_dict({f"val/mem/{key}": value.double() for key, value in values.items() if value.ndim == 0})
+                self.val_mem.reset()
+
+    ``.double()`` spares Lightning's warning about the integer ``num_active``; the vectors and matrices
+    (``latent_entropy``, ``spectrum``, ...) are not scalars and stay out of ``log_dict``.
+
+    In a ``MetricCollection``, torchmetrics flattens dict results into one dict; as soon as two results share a key
+    (e.g. ``ManifoldEntropy`` and ``ManifoldEntropicMetrics`` both return ``entropy``) it prefixes every dict
+    result's keys with the metric's name in the collection: ``MetricCollection({"entropy": ManifoldEntropy(d),
+    "all": ManifoldEntropicMetrics(d)})`` gives ``entropy_entropy``, ``all_entropy``, ``all_total_correlation``, ...
+    Metrics with equal settings share one set of states (one update); metrics whose ``eps``, ``std``, ``sigma``,
+    ``num_classes`` or sizes differ never do. With :class:`ManifoldCrossMutualInformation` in the collection, pass
+    the Jacobians by keyword, ``update(jacobian=J, reference_jacobian=J_ref)``: each metric takes the arguments it
+    names (positionally, the reference Jacobian would reach the others as ``labels``, which is refused).
 
     Example:
         >>> metric = ManifoldEntropicMetrics(latent_dim=2)
@@ -360,6 +514,9 @@ class ManifoldCrossMutualInformation(_SumMetric):
         reference_dim: reference latents ``d_ref``.
         std: data scale shared by both decoders; sigma, reference_sigma: latent scales.
         eps, num_classes, kwargs: as in :class:`ManifoldEntropy`.
+
+    In a ``MetricCollection`` with single-decoder metrics, update by keyword: ``update(jacobian=J,
+    reference_jacobian=J_ref)`` (see :class:`ManifoldEntropicMetrics`).
 
     ``compute()`` returns ``cross_mutual_information`` ``(d, d_ref)`` and the keys of
     :func:`~lightning_mem.functional.alignment_summary`: ``informational_correlation`` ``(d, d_ref)``,
