@@ -39,8 +39,11 @@ class DecoderTracker:
 
     Each evaluation (:meth:`accumulate`, then :meth:`compute`, on every DDP rank) resolves the decoder, evaluates this
     rank's share of the latents with :func:`lightning_mem.evaluation.evaluate_decoder`, syncs and finishes the metrics.
-    The drift state (a snapshot of the decoder's weights, and its Jacobians when they fit
-    :data:`MAX_KEPT_JACOBIAN_BYTES`) moves on only when the evaluation succeeded. A warning raised during evaluations
+    An evaluation may take only the first ``n`` latents (a time budget's choice), in one call or in several
+    (``start``/``stop``); rank ``r`` takes the latents ``i`` with ``i % world_size == r``, so its share of the first
+    ``n`` is a prefix of its share of all of them. Drift compares the latents the two evaluations have in common
+    (the first ``min(n_previous, n)``). The drift state (a snapshot of the decoder's weights, and its Jacobians when
+    they fit :data:`MAX_KEPT_JACOBIAN_BYTES`) moves on only when the evaluation succeeded. A warning raised during evaluations
     (e.g. the engine's fall-back to ``mode="loop"``) is given once per run (per :meth:`setup`). Arguments are those of
     :class:`~lightning_mem.ManifoldEntropicMetricsCallback`.
     """
@@ -76,8 +79,9 @@ class DecoderTracker:
         self.chunk_size, self.mode, self.std, self.sigma, self.eps, self.seed = chunk_size, mode, std, sigma, eps, seed
         self.active_threshold = active_threshold
         self.previous: dict[str, Tensor] | None = None  # the decoder's state at the last evaluation (for drift)
-        self.previous_jacobians: list[Tensor] | None = None  # its Jacobians at the latents, when kept
-        self._pending: tuple[dict[str, Tensor] | None, list[Tensor] | None] = (None, None)
+        self.previous_jacobians: list[Tensor] | None = None  # its Jacobians at this rank's share of the latents, when kept
+        self.previous_count: int | None = None  # how many of the latents (the first ones) it took; None: all
+        self._pending: tuple[dict[str, Tensor] | None, list[Tensor] | None, int | None] = (None, None, None)
         self._drawn_latents: Tensor | None = None
         self.metric: ManifoldEntropicMetrics | None = None
         self._reference_metric: ManifoldCrossMutualInformation | None = None
@@ -137,26 +141,50 @@ class DecoderTracker:
                 ) from error
 
     def pictures(
-        self, trainer: Trainer, pl_module: LightningModule, latents: Tensor, image_shape: Sequence[int] | None = None
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        latents: Tensor,
+        image_shape: Sequence[int] | None = None,
+        *,
+        num_samples: int | None = None,
+        state: dict[str, Tensor] | None = None,
     ) -> LatentPictures | None:
         """:func:`~lightning_mem.pictures.latent_pictures` of ``latents`` (e.g. the top of the spectrum) at the first
-        :data:`PICTURE_SAMPLES` latents of the run, in :func:`~lightning_mem.evaluation.evaluation_mode`; ``None``
-        for a decoder whose output is no image, or with callable latents (they may be costly to draw again)."""
+        ``num_samples`` latents of the run (default :data:`PICTURE_SAMPLES`), in
+        :func:`~lightning_mem.evaluation.evaluation_mode`, of the decoder now or with the weights ``state`` (a
+        :meth:`snapshot`); ``None`` for a decoder whose output is no image, or with callable latents (they may be
+        costly to draw again)."""
         if callable(self.latents):
             return None
         z, conditions, _, _ = self._inputs(trainer, pl_module, with_reference=False)
-        rows = slice(0, PICTURE_SAMPLES)
+        rows = slice(0, PICTURE_SAMPLES if num_samples is None else num_samples)
         condition = None if conditions is None else conditions[rows]
+        resolved = self.resolve(pl_module)
+        decoder = resolved.function if state is None else decoder_with_state(resolved, _on(state, pl_module.device))
         with evaluation_mode([pl_module]):
-            return latent_pictures(
-                self.resolve(pl_module).function, z[rows], latents, image_shape=image_shape, condition=condition, sigma=self.sigma
-            )
+            return latent_pictures(decoder, z[rows], latents, image_shape=image_shape, condition=condition, sigma=self.sigma)
 
-    def accumulate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """This rank's share of the evaluation into the (reset) metrics. Call it in
+    def snapshot(self, pl_module: LightningModule) -> dict[str, Tensor]:
+        """A CPU copy of the decoder's weights now (:func:`~lightning_mem.decoders.state_snapshot` of its owner), to
+        evaluate later with ``accumulate(..., state=...)``."""
+        return state_snapshot(self.resolve(pl_module).owner)
+
+    def accumulate(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        state: dict[str, Tensor] | None = None,
+    ) -> None:
+        """This rank's share of the latents ``start:stop`` (default: all) into the metrics, reset first when ``start``
+        is 0 (a later call with ``start`` where the previous one stopped extends the same evaluation). With ``state``
+        (a :meth:`snapshot`) the decoder is evaluated at those weights instead of its current ones. Call it in
         :func:`~lightning_mem.evaluation.evaluation_mode`, on every rank, then :meth:`compute` on every rank."""
         with self._warnings_once():
-            self._pending = self._accumulate(trainer, pl_module)
+            self._pending = self._accumulate(trainer, pl_module, start, stop, state)
 
     @contextmanager
     def _warnings_once(self) -> Iterator[None]:
@@ -176,7 +204,7 @@ class DecoderTracker:
     def compute(self) -> dict[str, Tensor]:
         """Every rank: sync and finish the metrics (on the CPU); only then does the drift state move on."""
         values = self._compute()
-        self.previous, self.previous_jacobians = self._pending
+        self.previous, self.previous_jacobians, self.previous_count = self._pending
         return values
 
     def _inputs(
@@ -217,59 +245,101 @@ class DecoderTracker:
             reference = reference.to(device=device, dtype=next((p.dtype for p in parameters if p.is_floating_point()), reference.dtype))
         return z.to(device=device, dtype=dtype), None if conditions is None else conditions.to(device), labels, reference
 
-    def _accumulate(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, Tensor] | None, list[Tensor] | None]:
-        """Fill the metrics; return the decoder's state and Jacobians for the next evaluation's drift."""
+    def _accumulate(
+        self, trainer: Trainer, pl_module: LightningModule, start: int, stop: int | None, state: dict[str, Tensor] | None
+    ) -> tuple[dict[str, Tensor] | None, list[Tensor] | None, int | None]:
+        """Fill the metrics; return the decoder's state, Jacobians and latent count for the next evaluation's drift."""
         resolved = self.resolve(pl_module)
-        decoder, device = resolved.function, pl_module.device
-        current = state_snapshot(resolved.owner)
-        if trainer.world_size > 1 and (names := buffer_names(resolved.owner)):
-            # Parameters agree across DDP ranks, buffers need not (BatchNorm statistics of each rank's batches):
-            # every rank evaluates rank zero's, as the next forward pass (and the saved checkpoint) would.
-            buffers = trainer.strategy.broadcast({name: current[name] for name in names}, src=0)
-            current.update(buffers)
-            decoder = decoder_with_state(resolved, {name: buffer.to(device) for name, buffer in buffers.items()})
+        device, rank, world_size = pl_module.device, trainer.global_rank, trainer.world_size
+        if state is not None:  # earlier weights (the start of training): equal on every rank, as DDP starts them
+            current, decoder = state, decoder_with_state(resolved, _on(state, device))
+        else:
+            decoder, current = resolved.function, state_snapshot(resolved.owner)
+            if world_size > 1 and (names := buffer_names(resolved.owner)):
+                # Parameters agree across DDP ranks, buffers need not (BatchNorm statistics of each rank's batches):
+                # every rank evaluates rank zero's, as the next forward pass (and the saved checkpoint) would.
+                buffers = trainer.strategy.broadcast({name: current[name] for name in names}, src=0)
+                current.update(buffers)
+                decoder = decoder_with_state(resolved, _on(buffers, device))
         z, conditions, labels, reference_z = self._inputs(trainer, pl_module)
-        shard = slice(trainer.global_rank, None, trainer.world_size)
-        z, reference_z = z[shard], None if reference_z is None else reference_z[shard]
-        conditions, labels = (None if t is None else t[shard] for t in (conditions, labels))
+        stop = z.shape[0] if stop is None else min(stop, z.shape[0])
 
-        comparisons = []
         if self.drift and self.previous is not None and self.previous.keys() != current.keys():
             rank_zero_warn(
                 "ManifoldEntropicMetricsCallback: the decoder's parameters changed names since the previous evaluation; drift restarts."
             )
-            self.previous = self.previous_jacobians = None
-        if self.drift and self.previous is not None:
-            kept = self.previous_jacobians if self.previous_jacobians and self.previous_jacobians[0].device == z.device else None
-            state = {name: tensor.to(device) for name, tensor in self.previous.items()}
-            previous = None if kept is not None else decoder_with_state(resolved, state)
-            comparisons.append(Comparison(self._drift_metric, decoder=previous, jacobians=kept))
-        if reference_z is not None:
-            if self._reference_metric is None or self._reference_metric.reference_dim != reference_z.shape[1]:
-                self._reference_metric = ManifoldCrossMutualInformation(
-                    self.latent_dim, reference_z.shape[1], std=self.std, sigma=self.sigma, eps=self.eps, num_classes=self.num_classes
-                )
-            comparisons.append(Comparison(self._reference_metric, decoder=self.reference_decoder, latents=reference_z))
-        for metric in [self.metric] + [comparison.metric for comparison in comparisons]:
-            metric.to(device).reset()
+            self.previous = self.previous_jacobians = self.previous_count = None
+        if reference_z is not None and (self._reference_metric is None or self._reference_metric.reference_dim != reference_z.shape[1]):
+            self._reference_metric = ManifoldCrossMutualInformation(
+                self.latent_dim, reference_z.shape[1], std=self.std, sigma=self.sigma, eps=self.eps, num_classes=self.num_classes
+            )
+        kept: list[Tensor] | None = []
+        if start == 0:
+            for metric in (self.metric, self._drift_metric, self._reference_metric):
+                if metric is not None:
+                    metric.to(device).reset()
+        else:  # extending this evaluation: its Jacobians so far
+            kept = self._pending[1]
         fixed_inputs = not callable(self.latents) and not callable(self.conditions)
-        kept = evaluate_decoder(
-            decoder,
-            z,
-            self.metric,
-            condition=conditions,
-            labels=labels,
-            comparisons=comparisons,
-            mode=self.mode,
-            chunk_size=self._chunk(decoder, z, conditions),
-            check_output=True,
-            keep_bytes=MAX_KEPT_JACOBIAN_BYTES if self.drift and fixed_inputs else 0,
-        )
-        return (current, kept) if self.drift else (None, None)
+        chunk_size = self._chunk(decoder, z, conditions)
+        previous: Callable[..., Any] | None = None  # the decoder at the previous evaluation's weights, made when needed
+        for lo, hi, drift_source in self._parts(start, stop, rank, world_size, z.device):
+            rows = slice(lo + (rank - lo) % world_size, hi, world_size)  # this rank's latents among lo:hi
+            if len(range(*rows.indices(z.shape[0]))) == 0:
+                continue
+            comparisons = []
+            if drift_source == "kept":
+                jacobians = self._kept_rows(len(range(rank, lo, world_size)), len(range(rank, hi, world_size)), chunk_size)
+                comparisons.append(Comparison(self._drift_metric, jacobians=jacobians))
+            elif drift_source == "snapshot":
+                previous = previous or decoder_with_state(resolved, _on(self.previous or {}, device))
+                comparisons.append(Comparison(self._drift_metric, decoder=previous))
+            if reference_z is not None:
+                comparisons.append(Comparison(self._reference_metric, decoder=self.reference_decoder, latents=reference_z[rows]))
+            kept_bytes = 0 if kept is None else sum(j.numel() * j.element_size() for j in kept)
+            keep = MAX_KEPT_JACOBIAN_BYTES - kept_bytes if self.drift and fixed_inputs and kept is not None else 0
+            part = evaluate_decoder(
+                decoder,
+                z[rows],
+                self.metric,
+                condition=None if conditions is None else conditions[rows],
+                labels=None if labels is None else labels[rows],
+                comparisons=comparisons,
+                mode=self.mode,
+                chunk_size=chunk_size,
+                check_output=True,
+                keep_bytes=max(keep, 0),
+            )
+            kept = None if kept is None or part is None else kept + part
+        return (current, kept, stop) if self.drift else (None, None, None)
+
+    def _parts(self, start: int, stop: int, rank: int, world_size: int, device: torch.device) -> list[tuple[int, int, str | None]]:
+        """The latents ``start:stop`` in parts ``(lo, hi, drift)``: the drift compares the decoder with the previous
+        evaluation's on the latents both took (its ``kept`` Jacobians when they are here, else its ``snapshot``);
+        the latents beyond have no drift (``None``)."""
+        if not self.drift or self.previous is None:
+            return [(start, stop, None)]
+        covered = stop if self.previous_count is None else min(stop, self.previous_count)
+        kept = self.previous_jacobians or []
+        have = len(range(rank, stop if self.previous_count is None else self.previous_count, world_size))
+        usable = bool(kept) and kept[0].device == device and sum(int(j.shape[0]) for j in kept) == have
+        parts: list[tuple[int, int, str | None]] = [(start, covered, "kept" if usable else "snapshot")] if start < covered else []
+        if stop > max(start, covered):
+            parts.append((max(start, covered), stop, None))
+        return parts
+
+    def _kept_rows(self, first: int, last: int, chunk_size: int | None) -> list[Tensor]:
+        """Rows ``first:last`` of this rank's kept Jacobians, in chunks of ``chunk_size`` (those of this evaluation)."""
+        kept = self.previous_jacobians or []
+        step = (last - first) if chunk_size is None else chunk_size
+        sizes = [min(step, last - start) for start in range(first, last, step)] if last > first else []
+        if first == 0 and [j.shape[0] for j in kept] == sizes:
+            return kept
+        return list(torch.cat(kept)[first:last].split(step)) if last > first else []
 
     def _chunk(self, decoder: Callable[..., Any], z: Tensor, conditions: Tensor | None) -> int | None:
-        """``chunk_size``, or for ``"auto"`` the one :func:`~lightning_mem.budget.auto_chunk_size` picks (once per run:
-        kept Jacobians must come in the same chunks)."""
+        """``chunk_size``, or for ``"auto"`` the one :func:`~lightning_mem.budget.auto_chunk_size` picks for all the
+        latents ``z`` (once per run, so that every evaluation, whatever its sample count, has the same chunks)."""
         if self.chunk_size != "auto":
             return self.chunk_size
         if self._auto_chunk is None:
@@ -286,3 +356,8 @@ class DecoderTracker:
         if self.num_classes is None:
             values.pop("num_classes_seen")
         return {name: value.detach().cpu() for name, value in values.items()}
+
+
+def _on(state: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """``state`` with every tensor on ``device``."""
+    return {name: tensor.to(device) for name, tensor in state.items()}
