@@ -492,6 +492,8 @@ def state_snapshot(module: nn.Module) -> dict[str, Tensor]:
 class _Bound(nn.Module):
     """``(z[, condition]) -> decode(z[, condition])`` with ``owner`` as a submodule, so ``functional_call`` can swap its weights."""
 
+    _decode: Callable[..., Any]  # set with object.__setattr__, so nn.Module does not register it
+
     def __init__(self, owner: nn.Module, decode: Callable[..., Any]) -> None:
         super().__init__()
         self.owner = owner

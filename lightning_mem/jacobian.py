@@ -526,10 +526,11 @@ def iter_decoder_jacobians(
         with grad_context(), kernels():
             return _loop_jacobian(call, z_rows, c_rows, forward, create_graph)
 
-    def own_jacobian(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
-        return own(z_rows, c_rows, create_graph=create_graph)
-
     if own is not None:
+
+        def own_jacobian(z_rows: Tensor, c_rows: Tensor | None, rows: slice) -> Tensor:
+            return own(z_rows, c_rows, create_graph=create_graph)
+
         chunks = _chunked(z, condition, chunk_size, own_jacobian, own_jacobian, fallback=False, guard=guard)
     else:
         chunks = _chunked(z, condition, chunk_size, loop if mode == "loop" else traced, loop, fallback=mode == "auto", guard=guard)

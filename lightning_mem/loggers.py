@@ -22,7 +22,9 @@ FigureLogger = Callable[[str, Any, int], None]
 """``log(tag, figure, step)``: writes one matplotlib figure to one logger; the figure stays open."""
 
 
-def _tensorboard(logger: Logger) -> FigureLogger:
+def _tensorboard(logger: Any) -> FigureLogger:
+    """Any logger whose ``experiment`` has ``add_figure`` (a TensorBoard ``SummaryWriter``)."""
+
     def log(tag: str, figure: Any, step: int) -> None:
         logger.experiment.add_figure(tag, figure, global_step=step, close=False)
 

@@ -108,10 +108,11 @@ def latent_pictures(
     shape = image_shape_of(first.shape[1:], image_shape)
     if shape is None or latents.numel() == 0:
         return None
-    total = None
+    total: Tensor | None = None
     for jacobian in iter_decoder_jacobians(decoder, z, condition=condition):
         part = jacobian[..., latents].abs().to(torch.float64).sum(0)  # (*output_shape, k)
         total = part if total is None else total + part
+    assert total is not None  # z has at least one sample (check_latents), so at least one chunk
     columns = _as_images((total / z.shape[0]).movedim(-1, 0), shape)
     scale = torch.ones(z.shape[1], dtype=z.dtype, device=z.device) if sigma is None else torch.as_tensor(sigma).to(z)
     offsets = torch.tensor(list(steps), dtype=z.dtype, device=z.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -13,7 +13,7 @@ from torch import Tensor
 from lightning_mem._checks import check_eval_mode, check_latents, check_positive_float, check_positive_int, check_scale
 from lightning_mem.decoders import InvertibleDecoder
 from lightning_mem.functional.gram import jacobian_gram
-from lightning_mem.functional.statistics import DEFAULT_EPS, STANDARD_NORMAL_ENTROPY, batch_statistics, pairwise_terms
+from lightning_mem.functional.statistics import DEFAULT_EPS, STANDARD_NORMAL_ENTROPY, GramStatistics, batch_statistics, pairwise_terms
 from lightning_mem.jacobian import call_decoder, iter_decoder_jacobian_columns, iter_decoder_jacobians
 
 __all__ = [
@@ -36,7 +36,7 @@ LogAbsDet = Tensor | Callable[..., Tensor] | bool | None
 class SampledGramStatistics(NamedTuple):
     """Float64 sums over samples of the Gram quantities of the sampled columns, with their counts (all summable)."""
 
-    count: Tensor  # () samples
+    count: Tensor  # type: ignore[assignment]  # () samples; shadows tuple.count, a public field name
     column_count: Tensor  # (d,) samples in which latent i was drawn
     log_diag: Tensor  # (d,) sum over those samples of log max(G_ii, eps)
     num_inactive: Tensor  # (d,) of those samples, the ones with G_ii <= eps
@@ -99,11 +99,11 @@ def sample_latent_columns(
 def _log_abs_det_of(log_abs_det: LogAbsDet, decoder: Callable, z: Tensor, condition: Tensor | None, rows: slice) -> Tensor:
     if isinstance(log_abs_det, Tensor):
         values = log_abs_det[rows]
-    elif log_abs_det is True:
-        conditions = [] if condition is None else [condition]
-        values = decoder.inn(z, c=conditions, rev=True, jac=True)[1]
-    else:
+    elif callable(log_abs_det):
         values = log_abs_det(z) if condition is None else log_abs_det(z, condition)
+    else:  # True, for an InvertibleDecoder (checked by _check_log_abs_det)
+        conditions = [] if condition is None else [condition]
+        values = cast(InvertibleDecoder, decoder).inn(z, c=conditions, rev=True, jac=True)[1]
     if not isinstance(values, Tensor) or values.shape != (z.shape[0],):
         raise ValueError(
             f"Expected `log_abs_det` to give one value per sample, shape ({z.shape[0]},), but got "
@@ -228,10 +228,11 @@ def sampled_gram_statistics(
         log_det_count = torch.zeros((), dtype=torch.float64, device=z.device)
 
     if num_columns is None or num_columns == d:
-        exact = None
+        exact: GramStatistics | None = None
         for jacobian in iter_decoder_jacobians(decoder, z, condition=condition, chunk_size=chunk_size):
             part = batch_statistics(jacobian, std=std, sigma=sigma, eps=eps)
-            exact = part if exact is None else type(part)(*(a + b for a, b in zip(exact, part, strict=True)))
+            exact = part if exact is None else GramStatistics(*(a + b for a, b in zip(exact, part, strict=True)))
+        assert exact is not None  # z has at least one sample (check_latents), so at least one chunk
         off_diagonal = 1.0 - torch.eye(d, dtype=torch.float64, device=z.device)
         count = exact.count[0]
         if log_abs_det is None or log_abs_det is False:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -123,7 +123,7 @@ def _rank_tolerance(big_d: int, d: int) -> float:
 class GramStatistics(NamedTuple):
     """Float64 sums over samples, one row per class (a single row without classes)."""
 
-    count: Tensor  # (K,) number of samples
+    count: Tensor  # type: ignore[assignment]  # (K,) number of samples; shadows tuple.count, the metric state's name
     log_diag: Tensor  # (K, d) sum of log max(G_ii, eps * max_j G_jj)
     log_det: Tensor  # (K,) sum of log det G (inactive columns at their floor, orthogonal to the rest)
     pairwise: Tensor  # (K, d, d) sum of -1/2 log(1 - rho_ij^2) over active pairs, zero diagonal
@@ -134,7 +134,7 @@ class GramStatistics(NamedTuple):
 class CrossStatistics(NamedTuple):
     """Float64 sums over samples of the cross terms between a model and a reference decoder."""
 
-    count: Tensor  # (K,)
+    count: Tensor  # type: ignore[assignment]  # (K,); shadows tuple.count, the metric state's name
     pairwise: Tensor  # (K, d, d_ref) sum of -1/2 log(1 - rho_ij^2), rho between model column i and reference column j
 
 
@@ -234,6 +234,7 @@ def _pairwise_sums(gram: Tensor, inverse_norms: Tensor, rows: Tensor, num_rows: 
     squared = inverse_norms.square()
 
     def units(samples: Tensor) -> tuple[Tensor, Tensor]:
+        assert batch is not None  # called only with `recompute`
         columns = unit_columns(batch, samples)
         return columns, columns
 
@@ -272,14 +273,14 @@ def _pairwise_sums(gram: Tensor, inverse_norms: Tensor, rows: Tensor, num_rows: 
     return sums
 
 
-def _refined_log_det(block: Tensor, factor: Tensor, valid: Tensor) -> Tensor | None:
+def _refined_log_det(block: Tensor, factor: Tensor, valid: Tensor) -> Tensor:
     """:math:`\\log\\det(X^\\top X)` ``(k,)`` to about :math:`(u\\kappa)^2`, from a float64 QR factor ``R`` of ``X``.
 
     One step of iterative refinement: :math:`X^\\top X = R^\\top R + E` with the residual :math:`E` from twice-precision
     Gram matrices (:func:`~lightning_mem.functional.gram.exact_gram`), and
     :math:`\\log\\det(X^\\top X) = \\log\\det R^\\top R + \\log\\det(I + R^{-\\top} E R^{-1})`, the last term small
     (:math:`\\approx u\\kappa`) and so accurate in float64. Columns past ``valid`` (zero) are replaced by unit ones.
-    Returns ``None`` for a sample whose correction is not small (left to the float64 value).
+    Gives NaN for a sample whose correction is not small (left to the float64 value).
     """
     d = block.shape[-1]
     pad = torch.diag_embed((~valid).to(block.dtype))
@@ -477,6 +478,51 @@ def gram_statistics(
     """
     check_positive_float(eps, "eps")
     return _gram_statistics(gram_batch(gram=gram), eps=eps, labels=labels, num_classes=num_classes)
+
+
+@overload
+def batch_statistics(
+    jacobian: Tensor | None = None,
+    gram: Tensor | None = None,
+    *,
+    std: Tensor | float | None = None,
+    sigma: Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+    latent_dim: int | None = None,
+    pairwise_only: Literal[False] = False,
+) -> GramStatistics: ...
+
+
+@overload
+def batch_statistics(
+    jacobian: Tensor | None = None,
+    gram: Tensor | None = None,
+    *,
+    std: Tensor | float | None = None,
+    sigma: Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+    latent_dim: int | None = None,
+    pairwise_only: Literal[True],
+) -> CrossStatistics: ...
+
+
+@overload
+def batch_statistics(
+    jacobian: Tensor | None = None,
+    gram: Tensor | None = None,
+    *,
+    std: Tensor | float | None = None,
+    sigma: Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+    latent_dim: int | None = None,
+    pairwise_only: bool = False,
+) -> GramStatistics | CrossStatistics: ...
 
 
 def batch_statistics(
