@@ -209,7 +209,8 @@ def check_callback_inputs(
         raise TypeError(f"Expected `prefix` to be a str, but got {type(prefix).__name__}.")
     check_mode(mode)
     check_positive_float(eps, "eps")
-    check_positive_float(active_threshold, "active_threshold")
+    if active_threshold is not None:  # None: the spectrum-shape rule
+        check_positive_float(active_threshold, "active_threshold")
     if latents is not None and not (isinstance(latents, Tensor) or callable(latents)):
         raise TypeError(
             f"Expected `latents` to be a tensor (N, d), a callable (trainer, pl_module) -> z or None, but got {type(latents).__name__}."

@@ -19,7 +19,7 @@ from lightning_mem._checks import check_callback_inputs, check_positive_float
 from lightning_mem.budget import DEFAULT_MAX_OVERHEAD, TimeBudget, affordable_samples
 from lightning_mem.decoders import resolve_latent_dim
 from lightning_mem.evaluation import evaluation_mode
-from lightning_mem.functional.statistics import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS, STANDARD_NORMAL_ENTROPY
+from lightning_mem.functional.statistics import DEFAULT_EPS
 from lightning_mem.loggers import figure_loggers
 from lightning_mem.pictures import LatentPictures
 from lightning_mem.plotting import EvaluationFigures
@@ -49,9 +49,18 @@ LOGGED_SCALARS = (
     "drift/num_rematched",
     "reference/alignment",
     "reference/num_matched",
+    "active/total_correlation",
+    "active/pairwise_mutual_information_max",
+    "active/pairwise_mutual_information_mean",
+    "active/drift/alignment",
+    "active/drift/self_correlation",
+    "active/drift/num_rematched",
+    "active/reference/alignment",
+    "active/reference/num_matched",
 )
 """Keys of ``callback.last_metrics`` logged as scalars (``prefix + key``), with ``spectrum/top_k`` and ``failed``
-(``num_samples``, the latents an evaluation took, only with a time budget: ``max_overhead``)."""
+(``num_samples``, the latents an evaluation took, only with a time budget: ``max_overhead``; ``active/drift/...`` and
+``active/reference/...`` only while some latent is active)."""
 
 _STATE_VERSION = 1
 _UNBOUNDED_FALLBACK_EPOCHS = 1
@@ -131,7 +140,11 @@ class ManifoldEntropicMetricsCallback(Callback):
         mode: Jacobian mode, see :func:`lightning_mem.decoder_jacobian`.
         std, sigma: data scale and latent scale ``(d,)`` (latents are then ``sigma * eps``).
         eps: floor on :math:`G_{ii}` (inactive latents).
-        active_threshold: see :func:`lightning_mem.functional.num_active_latents`.
+        active_threshold: ``None``: a latent is active when it stands above the plateau of switched-off latents at the
+            bottom of the spectrum (:func:`lightning_mem.functional.active_latents`); a float: when
+            :math:`\exp(H_i - h_0)` exceeds it (see :func:`lightning_mem.functional.num_active_latents`). The active
+            latents give ``num_active`` and the ``active/...`` keys: total correlation, pairwise mutual information,
+            drift and reference alignment of the active latents only.
         log_figures: draw and log the figures.
         figures_every_n_evaluations: draw them at evaluations n, 2n, ... and at the last one (1: every evaluation).
         seed: seed of the latents' generator (saved in checkpoints).
@@ -200,7 +213,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         std: Tensor | float | None = None,
         sigma: Tensor | None = None,
         eps: float = DEFAULT_EPS,
-        active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
+        active_threshold: float | None = None,
         log_figures: bool = True,
         figures_every_n_evaluations: int = 10,
         seed: int = 0,
@@ -336,8 +349,8 @@ class ManifoldEntropicMetricsCallback(Callback):
         )
         self._start_state, self._postponed_warned = None, False
         self._ready = True
-        level = STANDARD_NORMAL_ENTROPY + math.log(self._tracker.active_threshold)
-        self._figure_loggers, self._undrawn, self._figures, self.total_time = [], None, EvaluationFigures(level), 0.0
+        self._figure_loggers, self._undrawn, self.total_time = [], None, 0.0
+        self._figures = EvaluationFigures(active_threshold=self._tracker.active_threshold, eps=self._tracker.eps)
         self._pictures_failed = False
         if not trainer.is_global_zero:
             return
@@ -499,6 +512,7 @@ class ManifoldEntropicMetricsCallback(Callback):
                             return self._fail(trainer, step, error, state)
                 try:
                     values = self._tracker.compute()
+                    sampling += self._tracker.active_seconds  # (a pass over the latents too)
                 except Exception as exception:  # after the sync every rank holds the same sums, so all fail alike
                     rank_zero_warn(
                         f"ManifoldEntropicMetricsCallback: the evaluation at step {step} failed ({type(exception).__name__}: {exception})."

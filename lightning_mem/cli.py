@@ -25,7 +25,9 @@ stored in it (not of its name), with its report and figures in OUT/<checkpoint s
 name>_mem next to the folder) gets the metric-vs-step curves:
   curves.csv   a row per checkpoint: step, epoch, checkpoint, entropy, entropy_per_dim, total_correlation,
                total_correlation_per_dim, num_active, pairwise_mutual_information_max,
-               pairwise_mutual_information_mean, spectrum_1 .. spectrum_d (the sorted H_i),
+               pairwise_mutual_information_mean, active/total_correlation,
+               active/pairwise_mutual_information_max, active/pairwise_mutual_information_mean (on the
+               active latents only), spectrum_1 .. spectrum_d (the sorted H_i),
                latent_entropy_0 .. latent_entropy_<d-1> (H_i by latent)
   curves.png   entropy, total correlation, active latents and MPMI against the step
   spectra.png  the entropy spectra of all checkpoints, coloured by step
@@ -68,7 +70,6 @@ def _parser() -> argparse.ArgumentParser:
     from lightning_mem import __version__
     from lightning_mem._checks import JACOBIAN_MODES
     from lightning_mem.demo import MODELS
-    from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD
 
     parser = argparse.ArgumentParser(
         prog=_PROG, description="Manifold entropic metrics of generative models (Galperin & Köthe, AISTATS 2025)."
@@ -132,8 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--active-threshold",
         type=float,
-        default=DEFAULT_ACTIVE_THRESHOLD,
-        help=f"a latent is active when exp(H_i - h0), its geometric-mean column norm, exceeds this (default {DEFAULT_ACTIVE_THRESHOLD})",
+        default=None,
+        help="count a latent as active when exp(H_i - h0), its geometric-mean column norm in data units, exceeds this (e.g. 0.01); "
+        "default: the latents above the plateau of switched-off latents at the bottom of the entropy spectrum",
     )
     evaluate.add_argument("--double", action="store_true", help="evaluate the decoder in float64")
     evaluate.add_argument("--no-progress-bar", action="store_true", help="no progress on stderr")
@@ -165,10 +167,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"wall time         {result['wall_time_s']:.1f} s (training {result['train_time_s']:.1f} s)")
     print()
     print("View the run:       " + result["tensorboard_command"])
-    print(
-        f"Evaluate it again:  {_PROG} evaluate --module-class {result['module_class']} --checkpoint {result['checkpoint']} "
-        f"--active-threshold {result['active_threshold']}"
-    )
+    print(f"Evaluate it again:  {_PROG} evaluate --module-class {result['module_class']} --checkpoint {result['checkpoint']}")
     return 0
 
 

@@ -6,7 +6,6 @@ import csv
 import importlib
 import io
 import json
-import math
 import os
 import sys
 import tempfile
@@ -24,11 +23,12 @@ from torch import Tensor
 
 from lightning_mem._checks import check_mode, check_positive_float, check_positive_int
 from lightning_mem.decoders import ResolvedDecoder, resolve_decoder, resolve_latent_dim
-from lightning_mem.evaluation import evaluate_decoder, evaluation_mode, prior_latents
-from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD, DEFAULT_EPS, STANDARD_NORMAL_ENTROPY, entropy_spectrum
+from lightning_mem.evaluation import active_total_correlation, evaluate_decoder, evaluation_mode, prior_latents
+from lightning_mem.functional import DEFAULT_EPS, active_latents, entropy_spectrum
 from lightning_mem.jacobian import OutputKey, check_latent_shape, check_output_key, probe_decoder
 from lightning_mem.metrics import ManifoldEntropicMetrics
 from lightning_mem.plotting import plot_mutual_information, save_figure, save_spectrum_figure
+from lightning_mem.tracking import MAX_KEPT_JACOBIAN_BYTES
 
 __all__ = [
     "CURVE_METRICS",
@@ -51,6 +51,9 @@ CURVE_METRICS = (
     "num_active",
     "pairwise_mutual_information_max",
     "pairwise_mutual_information_mean",
+    "active/total_correlation",
+    "active/pairwise_mutual_information_max",
+    "active/pairwise_mutual_information_mean",
 )
 """The scalar metrics of ``curves.csv``, one column each, after ``step``, ``epoch`` and ``checkpoint`` and before the
 spectrum (``spectrum_1`` ... ``spectrum_d``, the sorted :math:`H_i`) and the per-latent entropies (``latent_entropy_0``
@@ -220,7 +223,7 @@ def decoder_metrics(
     mode: str = "auto",
     std: Tensor | float | None = None,
     eps: float = DEFAULT_EPS,
-    active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
+    active_threshold: float | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     r"""Every manifold entropic metric of a decoder at latents ``z``: :class:`~lightning_mem.ManifoldEntropicMetrics` over chunks.
@@ -230,8 +233,12 @@ def decoder_metrics(
         \mathrm{MTC} = \textstyle\sum_i H_i - H,\quad \mathrm{MPMI}_{ij} = -\tfrac12\mathbb{E}[\log(1-\rho_{ij}^2)]
 
     The Jacobians are computed ``chunk_size`` samples at a time by :func:`lightning_mem.evaluation.evaluate_decoder`
-    and added to the Metric's float64 sums, so memory stays bounded. With ``progress`` a tqdm bar counts the chunks on
-    a terminal; elsewhere (a log file, a pipe) a :class:`LineProgress` line marks each tenth of them.
+    and added to the Metric's float64 sums, so memory stays bounded. The total correlation of the active latents,
+    ``active/total_correlation``, takes a second pass (:func:`lightning_mem.evaluation.active_total_correlation`):
+    over the Jacobians themselves when they fit in
+    :data:`~lightning_mem.tracking.MAX_KEPT_JACOBIAN_BYTES` (64 MiB), else over the active latents' columns computed
+    again. With ``progress`` a tqdm bar counts the chunks on a terminal; elsewhere (a log file, a pipe) a
+    :class:`LineProgress` line marks each tenth of them.
 
     Args:
         decoder: callable ``z -> x`` (or ``(z, condition) -> x``), in eval mode.
@@ -242,12 +249,13 @@ def decoder_metrics(
         chunk_size, mode: as for :func:`lightning_mem.decoder_jacobian`.
         std: data scale, as for :func:`lightning_mem.functional.manifold_entropy`.
         eps: floor on :math:`G_{ii}`.
-        active_threshold: a latent is active when :math:`\exp(H_i - h_0)` exceeds it.
+        active_threshold: ``None``: the active latents are read off the spectrum's shape; a float: those with
+            :math:`\exp(H_i - h_0)` above it (see :func:`lightning_mem.functional.num_active_latents`).
         progress: show the progress (on stderr).
 
     Returns:
-        The dict of :meth:`ManifoldEntropicMetrics.compute <lightning_mem.ManifoldEntropicMetrics.compute>` (the
-        README's vocabulary table).
+        The dict of :meth:`ManifoldEntropicMetrics.compute <lightning_mem.ManifoldEntropicMetrics.compute>` and
+        ``active/total_correlation`` (the README's vocabulary table).
 
     Example:
         >>> decoder = torch.nn.Linear(2, 3, bias=False)
@@ -264,8 +272,13 @@ def decoder_metrics(
     metric = ManifoldEntropicMetrics(z.shape[-1], std=std, eps=eps, active_threshold=active_threshold, num_classes=num_classes)
     metric = metric.to(z.device)
     bar = _chunk_progress if progress else None
-    evaluate_decoder(decoder, z, metric, condition=condition, labels=labels, mode=mode, chunk_size=chunk_size, progress=bar)
-    return metric.compute()
+    options = {"condition": condition, "labels": labels, "mode": mode, "chunk_size": chunk_size}
+    kept = evaluate_decoder(decoder, z, metric, progress=bar, keep_bytes=MAX_KEPT_JACOBIAN_BYTES, **options)
+    values = metric.compute()
+    source: dict[str, Any] = {"jacobians": kept} if kept is not None else {"decoder": decoder, "z": z, **options}
+    active = metric.active_latents(values["latent_entropy"]).mask
+    values["active/total_correlation"] = active_total_correlation(metric, active, total_correlation=values["total_correlation"], **source)
+    return values
 
 
 def format_metrics(metrics: Mapping[str, Tensor | float], *, top_k: int = 5, title: str | None = None) -> str:
@@ -287,11 +300,12 @@ def format_metrics(metrics: Mapping[str, Tensor | float], *, top_k: int = 5, tit
     row("total correlation MTC", f"{float(metrics['total_correlation']):.3f} nats")
     latent_entropy = torch.as_tensor(metrics["latent_entropy"])
     row("active dims", f"{int(metrics['num_active'])} of {latent_entropy.numel()}")
-    if "pairwise_mutual_information_max" in metrics:
-        row(
-            "MPMI max / mean",
-            f"{float(metrics['pairwise_mutual_information_max']):.3f} / {float(metrics['pairwise_mutual_information_mean']):.3f} nats",
-        )
+    for name, prefix in (("MPMI max / mean", ""), ("  active dims only", "active/")):
+        if f"{prefix}pairwise_mutual_information_max" in metrics:
+            largest, mean = (float(metrics[f"{prefix}pairwise_mutual_information_{kind}"]) for kind in ("max", "mean"))
+            row(name, f"{largest:.3f} / {mean:.3f} nats")
+    if "active/total_correlation" in metrics:
+        row("MTC of the active dims", f"{float(metrics['active/total_correlation']):.3f} nats")
     spectrum, order = entropy_spectrum(latent_entropy)
     top = ", ".join(f"z{int(i)}: {float(h):.3f}" for h, i in zip(spectrum[:top_k], order[:top_k], strict=True))
     row("top entropies H_i", top)
@@ -341,21 +355,21 @@ class _Settings:
     chunk_size: int
     mode: str
     double: bool
-    active_threshold: float
+    active_threshold: float | None
 
     def __post_init__(self) -> None:
         check_positive_int(self.num_samples, "num_samples")
         check_positive_int(self.chunk_size, "chunk_size")
         check_positive_int(self.num_classes, "num_classes", allow_none=True)
-        check_positive_float(self.active_threshold, "active_threshold")
+        if self.active_threshold is not None:
+            check_positive_float(self.active_threshold, "active_threshold")
         check_mode(self.mode)
         check_output_key(self.output_key)
         object.__setattr__(self, "latent_shape", check_latent_shape(self.latent_shape, self.latent_dim))
 
-    @property
-    def active_level(self) -> float:
-        """The entropy above which a latent counts as active, :math:`h_0 + \\log(\\mathrm{threshold})`."""
-        return STANDARD_NORMAL_ENTROPY + math.log(self.active_threshold)
+    def active_level(self, latent_entropy: Sequence[float] | Tensor) -> float:
+        """The entropy above which a latent of ``latent_entropy`` counts as active (infinite when all or none do)."""
+        return float(active_latents(torch.as_tensor(latent_entropy, dtype=torch.float64), threshold=self.active_threshold).level)
 
     def decoder_of(self, module: LightningModule) -> tuple[ResolvedDecoder, int]:
         """The module's decoder and latent size (the module in float64 first, with ``double``)."""
@@ -408,7 +422,7 @@ def evaluate_checkpoint(
     chunk_size: int = 64,
     mode: str = "auto",
     double: bool = False,
-    active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
+    active_threshold: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     r"""Evaluate a LightningModule checkpoint offline: all metrics at prior samples, a JSON report and two PNGs.
@@ -417,8 +431,8 @@ def evaluate_checkpoint(
         z_n \sim N(0, I_d),\ n = 1..N \quad\Rightarrow\quad H_i,\ H,\ \mathrm{MTC},\ \mathrm{MPMI}
         \text{ of the decoder's Jacobians } J(z_n)
 
-    Writes ``report.json``, ``spectrum.png`` (sorted :math:`H_i`, with the active level
-    :math:`h_0 + \log(\mathrm{active\_threshold})` dotted) and ``pairwise_mutual_information.png`` (active latents
+    Writes ``report.json``, ``spectrum.png`` (sorted :math:`H_i`, with the active level of
+    :func:`~lightning_mem.functional.active_latents` dotted) and ``pairwise_mutual_information.png`` (active latents
     marked) into ``out_dir`` (default: ``<checkpoint stem>_mem`` next to the checkpoint), each atomically. A folder of
     checkpoints: :func:`evaluate_checkpoints`.
 
@@ -439,7 +453,8 @@ def evaluate_checkpoint(
         chunk_size: samples differentiated at once (bounds memory).
         mode: Jacobian mode, as for :func:`lightning_mem.decoder_jacobian`.
         double: evaluate the decoder in float64 (the statistics are float64 in any case).
-        active_threshold: see :func:`lightning_mem.functional.num_active_latents`.
+        active_threshold: ``None`` (default): the active latents are read off the spectrum's shape; a float: the
+            absolute rule, see :func:`lightning_mem.functional.num_active_latents`.
         progress: show the progress over the Jacobian chunks on stderr (see :func:`decoder_metrics`).
 
     Returns:
@@ -534,7 +549,7 @@ def evaluate_checkpoints(
     chunk_size: int = 64,
     mode: str = "auto",
     double: bool = False,
-    active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
+    active_threshold: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     r"""Evaluate every checkpoint of a folder (a run's ``checkpoints/``) at the same latents: the metric-vs-step curves.
@@ -552,7 +567,7 @@ def evaluate_checkpoints(
       :data:`CURVE_METRICS`, ``spectrum_1`` ... ``spectrum_d`` (the sorted :math:`H_i`) and ``latent_entropy_0`` ...
       ``latent_entropy_{d-1}``; rewritten after each checkpoint, so an interrupted run keeps the rows done;
     - ``curves.png``: entropy, total correlation, active latents and MPMI against the step;
-    - ``spectra.png``: the entropy spectra of all checkpoints, coloured by step, with the active level.
+    - ``spectra.png``: the entropy spectra of all checkpoints, coloured by step, with the last one's active level.
 
     Every file is written atomically (a temporary file, then ``os.replace``). Before any Jacobian is computed: the
     output folder is checked writable, every checkpoint file is read (memory-mapped: its step and parameter shapes;
@@ -651,7 +666,7 @@ def evaluate_checkpoints(
         },
         files["spectra.png"],
         title=f"Entropy spectra of {len(reports)} checkpoints ({cls.__name__})",
-        threshold=settings.active_level,
+        threshold=settings.active_level(reports[-1]["latent_entropy"]),
         color_values=[report["global_step"] for report in reports],
         color_label="global step",
     )
@@ -719,16 +734,17 @@ def _evaluate_module(
             progress=progress,
         )
     where = type(module).__name__ if info.global_step is None else f"{type(module).__name__}, step {info.global_step}"
+    active = active_latents(metrics["latent_entropy"], threshold=settings.active_threshold)
     spectrum = save_spectrum_figure(
         {info.path.name: metrics["latent_entropy"]},
         out / "spectrum.png",
         title=f"Entropy spectrum ({where})",
-        threshold=settings.active_level,
+        threshold=float(active.level),
     )
     figure, _ = plot_mutual_information(
         metrics["pairwise_mutual_information"],
         title=f"Manifold pairwise mutual information ({where})",
-        active=metrics["latent_entropy"] > settings.active_level,
+        active=active.mask,
     )
     mutual_information = save_figure(figure, out / "pairwise_mutual_information.png")
     report = {
@@ -782,28 +798,28 @@ def _curves_csv(reports: Sequence[Mapping[str, Any]], infos: Sequence[_Checkpoin
 
 
 def _curves_figure(reports: Sequence[Mapping[str, Any]]) -> Any:
-    """Entropy, total correlation, active latents and MPMI (max and mean) against the step, in four panels."""
+    """Entropy, total correlation, active latents and MPMI (max and mean) against the step, in four panels (the total
+    correlation and the MPMI of all latents and of the active ones)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     steps = [report["global_step"] for report in reports]
     figure = Figure(figsize=(9.0, 6.0), layout="constrained")
     axes = figure.subplots(2, 2, sharex=True)
+    pairwise = {
+        f"{prefix}pairwise_mutual_information_{kind}": f"{kind}{suffix}"
+        for prefix, suffix in (("", ""), ("active/", ", active latents"))
+        for kind in ("max", "mean")
+    }
     panels = (
-        (axes[0, 0], "total entropy $H$ (nats)", ("entropy",)),
-        (axes[0, 1], "total correlation MTC (nats)", ("total_correlation",)),
-        (axes[1, 0], "active latents", ("num_active",)),
-        (axes[1, 1], "pairwise MI (nats)", ("pairwise_mutual_information_max", "pairwise_mutual_information_mean")),
+        (axes[0, 0], "total entropy $H$ (nats)", {"entropy": None}),
+        (axes[0, 1], "total correlation MTC (nats)", {"total_correlation": "all latents", "active/total_correlation": "active latents"}),
+        (axes[1, 0], "active latents", {"num_active": None}),
+        (axes[1, 1], "pairwise MI (nats)", pairwise),
     )
     for ax, label, keys in panels:
-        for key in keys:
-            ax.plot(
-                steps,
-                [report[key] for report in reports],
-                marker="o",
-                markersize=3,
-                label=key.rsplit("_", 1)[-1] if len(keys) > 1 else None,
-            )
+        for key, legend in keys.items():
+            ax.plot(steps, [report[key] for report in reports], marker="o", markersize=3, label=legend)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if len(keys) > 1:

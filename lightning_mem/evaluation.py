@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_mem.jacobian import JacobianMode, ModelStateGuard, call_decoder, iter_decoder_jacobians
-from lightning_mem.metrics import ManifoldCrossMutualInformation, ManifoldEntropicMetrics
+from lightning_mem.jacobian import JacobianMode, ModelStateGuard, call_decoder, iter_decoder_jacobian_columns, iter_decoder_jacobians
+from lightning_mem.metrics import ManifoldCrossMutualInformation, ManifoldEntropicMetrics, ManifoldTotalCorrelation
 
-__all__ = ["Comparison", "evaluate_decoder", "evaluation_mode", "prior_latents"]
+__all__ = ["Comparison", "active_total_correlation", "evaluate_decoder", "evaluation_mode", "prior_latents"]
 
 
 class Comparison(NamedTuple):
@@ -144,3 +144,89 @@ def evaluate_decoder(
             else:
                 kept = None
     return kept
+
+
+def active_total_correlation(
+    metric: ManifoldEntropicMetrics,
+    active: Tensor,
+    *,
+    total_correlation: Tensor | None = None,
+    jacobians: Iterable[Tensor] | None = None,
+    decoder: Callable[..., Any] | None = None,
+    z: Tensor | None = None,
+    condition: Tensor | None = None,
+    labels: Tensor | None = None,
+    mode: JacobianMode = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""The manifold total correlation of the ``active`` latents only: a second pass over their Jacobian columns.
+
+    .. math::
+        \mathrm{MTC}_A = \sum_{i \in A} H_i - H_A
+        = \tfrac12 \mathbb{E}_z\Big[\sum_{i \in A} \log G_{ii} - \log\det G_{AA}\Big] \ \ge 0,
+
+    :func:`~lightning_mem.functional.manifold_total_correlation` of the columns ``J[..., A]``, with the settings of
+    ``metric`` (``std``, ``sigma`` restricted to ``A``, ``eps``, ``num_classes``). Unlike the pairwise mutual
+    information, it is no sub-block of the full statistics: :math:`\log\det G_{AA}` of each sample is needed, and
+    ``A`` is known only once every sample's :math:`\log G_{ii}` is summed (and, under DDP, synced). So this runs
+    after ``metric.compute()``, on the ``jacobians`` of the first pass when they were kept (no decoder call), else on
+    the active columns of ``decoder`` at ``z`` (:func:`~lightning_mem.jacobian.iter_decoder_jacobian_columns`: ``|A|``
+    forward-mode passes instead of ``d``; other modes and decoders with their own Jacobian recompute it whole). Under
+    DDP every process calls it with its own samples and the same ``active`` (decided from the synced spectrum): the
+    per-sample sums add up across processes as in one process, so the value is exact.
+
+    No pass is needed with fewer than two active latents (no dependence: 0) or with all of them active (the total
+    correlation of all latents, ``total_correlation`` when given).
+
+    Args:
+        metric: the :class:`~lightning_mem.ManifoldEntropicMetrics` of the first pass (for its settings).
+        active: ``(d,)`` bool mask of the active latents, equal on every process.
+        total_correlation: the first pass's ``total_correlation``, returned when every latent is active.
+        jacobians: this process's Jacobian chunks ``(n, *output_shape, d)`` of the first pass, in sample order.
+        decoder, z, condition: otherwise, the decoder and this process's latents ``(N, d)`` (and conditions).
+        labels: ``(N,)`` class labels, class-conditional mode.
+        mode, chunk_size: as for :func:`lightning_mem.decoder_jacobian`.
+
+    Returns:
+        Scalar float64 tensor, nats.
+
+    Example:
+        >>> decoder = torch.nn.Linear(3, 4).double()
+        >>> with torch.no_grad():
+        ...     decoder.weight[:, 2] *= 1e-3  # latent 2 barely moves the output
+        >>> z = torch.randn(8, 3, dtype=torch.float64)
+        >>> metric = ManifoldEntropicMetrics(3)
+        >>> kept = evaluate_decoder(decoder, z, metric, keep_bytes=2**20)
+        >>> active = torch.tensor([True, True, False])
+        >>> from lightning_mem.functional import manifold_total_correlation
+        >>> torch.allclose(active_total_correlation(metric, active, jacobians=kept),
+        ...                manifold_total_correlation(decoder.weight[None, :, :2]))
+        True
+    """
+    active = active.to(torch.bool).cpu()
+    k, d = int(active.sum()), active.numel()
+    if k < 2:
+        return torch.zeros((), dtype=torch.float64)
+    if k == d and total_correlation is not None:
+        return total_correlation.detach().to(torch.float64)
+    sigma = None if metric.sigma is None else metric.sigma[active.to(metric.sigma.device)]
+    subspace = ManifoldTotalCorrelation(k, std=metric.std, sigma=sigma, eps=metric.eps, num_classes=metric.num_classes)
+    subspace = subspace.to(metric.device)  # where the other processes' states are (the sync needs them on one device)
+    columns = active.nonzero().flatten()
+    own_jacobian, own_columns = (callable(getattr(decoder, name, None)) for name in ("decoder_jacobian", "decoder_jacobian_columns"))
+    if jacobians is not None:
+        chunks: Iterable[Tensor] = (jacobian[..., columns.to(jacobian.device)] for jacobian in jacobians)
+    elif decoder is None or z is None:
+        raise ValueError("Expected `jacobians`, or `decoder` and `z`, to compute the total correlation of the active latents.")
+    elif mode in ("auto", "forward") and (own_columns or not own_jacobian):
+        design = columns.to(z.device).expand(z.shape[0], k)  # the same k columns for every sample
+        chunks = iter_decoder_jacobian_columns(decoder, z, design, condition=condition, chunk_size=chunk_size)
+    else:  # a mode the columns route does not take, or a decoder with its own Jacobian but no columns method
+        options = {"condition": condition, "mode": mode, "chunk_size": chunk_size}
+        chunks = (jacobian[..., columns.to(jacobian.device)] for jacobian in iter_decoder_jacobians(decoder, z, **options))
+    start = 0
+    for chunk in chunks:
+        rows = slice(start, start + chunk.shape[0])
+        subspace.update(chunk, None if labels is None else labels[rows])
+        start = rows.stop
+    return subspace.compute().detach().cpu()

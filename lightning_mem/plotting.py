@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_mem.functional.active import active_latents
 from lightning_mem.functional.manifold import entropy_spectrum
+from lightning_mem.functional.statistics import DEFAULT_EPS
 from lightning_mem.pictures import LatentPictures
 
 __all__ = [
@@ -44,7 +46,7 @@ _FIGURE_SIZE = (6.0, 4.0)
 _SPECTRUM_LINE = {"marker": "o", "markersize": 2}
 _SPECTRUM_XLABEL = "latent (sorted by entropy)"
 _SPECTRUM_YLABEL = "manifold entropy $H_i$ (nats/dim)"
-_ACTIVE_LINE = {"color": "gray", "linewidth": 0.8, "linestyle": ":", "label": "active threshold"}
+_ACTIVE_LINE = {"color": "gray", "linewidth": 0.8, "linestyle": ":", "label": "active level"}
 _ACTIVE_MARKS = "active latents"
 
 
@@ -91,8 +93,10 @@ def plot_entropy_spectrum(
         color_label: the colour bar's label.
         log_x: logarithmic x axis (useful for many latents).
         title: axes title.
-        active_level: the entropy (nats) above which a latent counts as active, drawn as a dotted line (e.g.
-            :math:`h_0 + \log(\mathrm{threshold})` of :func:`~lightning_mem.functional.num_active_latents`).
+        active_level: the entropy (nats) above which a latent counts as active, drawn as a dotted line when finite
+            (the ``level`` of :func:`~lightning_mem.functional.active_latents`: the middle of the gap above the
+            plateau of switched-off latents, or :math:`h_0 + \log(\mathrm{threshold})`; infinite when all or no
+            latents are active).
 
     Returns:
         ``(figure, axes)``. The latent index axis has integer ticks.
@@ -127,6 +131,7 @@ def plot_entropy_spectrum(
     if log_x:
         ax.set_xscale("log")
     _style_spectrum_axes(ax)
+    active_level = _finite(active_level)
     if active_level is not None:
         ax.axhline(active_level, **_ACTIVE_LINE)
     if title:
@@ -134,6 +139,13 @@ def plot_entropy_spectrum(
     if labels is not None or active_level is not None:
         ax.legend(fontsize="small")
     return fig, ax
+
+
+def _finite(level: float | Tensor | None) -> float | None:
+    """``level`` as a float, or ``None`` when it is ``None`` or infinite (all or no latents active: no line)."""
+    if level is None or not torch.isfinite(torch.as_tensor(level, dtype=torch.float64)):
+        return None
+    return float(level)
 
 
 def plot_mutual_information(
@@ -148,9 +160,9 @@ def plot_mutual_information(
 ) -> tuple[Any, Any]:
     """Heatmap of a mutual-information matrix (MPMI ``(d, d)`` or MCPMI ``(d, d_ref)``) with a colour bar.
 
-    Latent indices get integer ticks; ``active`` (a boolean ``(d,)`` mask of the row latents, e.g.
-    ``latent_entropy > active_level``) marks the active latents with triangles beside the rows (and above the
-    columns of a square matrix).
+    Latent indices get integer ticks; ``active`` (a boolean ``(d,)`` mask of the row latents, e.g. the ``mask`` of
+    :func:`~lightning_mem.functional.active_latents`) marks the active latents with triangles beside the rows (and
+    above the columns of a square matrix).
 
     Args:
         matrix: 2-D tensor.
@@ -240,12 +252,16 @@ class SpectrumHistoryFigure:
 
     def update(self, spectra: Sequence[Tensor], color_values: Sequence[float], title: str, active_level: float | None = None) -> Any:
         """Draw ``spectra`` (the previous update's followed by new ones), coloured by ``color_values``, with the
-        ``active_level`` line of :func:`plot_entropy_spectrum`; returns the figure."""
+        ``active_level`` line of :func:`plot_entropy_spectrum` (hidden while it is ``None`` or infinite); returns the
+        figure."""
+        active_level = _finite(active_level)
         if self._level is None and active_level is not None:
             self._level = self.ax.axhline(active_level, **_ACTIVE_LINE)
             self.ax.legend(fontsize="small", loc="upper right")
         elif self._level is not None and active_level is not None:
             self._level.set_ydata([active_level, active_level])
+        if self._level is not None:
+            self._level.set_visible(active_level is not None)
         lines = [line for line in self.ax.lines if line is not self._level]
         if len(lines) > len(spectra):  # not a continuation of the last update's spectra: start over
             for line in lines:
@@ -289,12 +305,15 @@ class EvaluationFigures:
     """The callback's figures of one run, kept between evaluations and updated with each (off-screen, Agg).
 
     ``update(history, values, pictures)`` returns ``{tag: figure}``: ``spectrum_history`` (every evaluation's spectrum,
-    coloured by step), ``pairwise_mutual_information``, when ``values`` has it ``reference/cross_mutual_information``,
-    and with ``pictures`` ``latent_columns`` and ``latent_traversals``.
+    coloured by step, with the last one's active level), ``pairwise_mutual_information`` (its active latents marked),
+    when ``values`` has it ``reference/cross_mutual_information``, and with ``pictures`` ``latent_columns`` and
+    ``latent_traversals``. The active latents are those of :func:`~lightning_mem.functional.active_latents` with
+    ``active_threshold`` (``None``: the spectrum's shape) and ``eps`` (the metrics' floor).
     """
 
-    def __init__(self, active_level: float | None = None) -> None:
-        self.active_level = active_level
+    def __init__(self, active_threshold: float | None = None, eps: float = DEFAULT_EPS) -> None:
+        self.active_threshold = active_threshold
+        self.eps = eps
         self.spectrum_history = SpectrumHistoryFigure(color_label="training step")
         self.pairwise = MutualInformationFigure()
         self.reference = MutualInformationFigure(xlabel="reference latent j", ylabel="model latent i")
@@ -306,8 +325,8 @@ class EvaluationFigures:
         ``latent_columns`` and ``latent_traversals`` from ``pictures`` (:func:`~lightning_mem.pictures.latent_pictures`)."""
         steps = [entry["step"] for entry in history]
         spectra = [entry["spectrum"] for entry in history]
-        level = self.active_level
-        active = None if level is None else values["latent_entropy"] > level
+        active = active_latents(values["latent_entropy"], threshold=self.active_threshold, eps=self.eps)
+        level, active = active.level, active.mask
         figures = {
             "spectrum_history": self.spectrum_history.update(
                 spectra, steps, title=f"Entropy spectrum, steps {steps[0]} to {steps[-1]}", active_level=level
@@ -372,7 +391,8 @@ def save_spectrum_figure(
         title: figure title.
         reference: optional ``(d,)`` ground-truth entropies, drawn dashed (sorted here).
         reference_label: its legend label.
-        threshold: optional active-latent level :math:`h_0 + \log(\text{threshold})` in nats, a dotted line.
+        threshold: optional active-latent level in nats (the ``level`` of
+            :func:`~lightning_mem.functional.active_latents`), a dotted line when finite.
         color_values: a number per spectrum (e.g. beta) to colour the lines by, with a colour bar.
         color_label: the colour bar's label.
 
@@ -386,6 +406,7 @@ def save_spectrum_figure(
     if reference is not None:
         truth = entropy_spectrum(torch.as_tensor(reference, dtype=torch.float64).detach().cpu())[0]
         ax.plot(torch.arange(1, truth.numel() + 1).numpy(), truth.numpy(), "k--", label=reference_label)
+    threshold = _finite(threshold)
     if threshold is not None:
         ax.axhline(threshold, **_ACTIVE_LINE)
     if labels is not None or reference is not None or threshold is not None:

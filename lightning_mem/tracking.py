@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -15,7 +16,8 @@ from torch import Tensor, nn
 from lightning_mem._checks import check_labels
 from lightning_mem.budget import auto_chunk_size
 from lightning_mem.decoders import ResolvedDecoder, buffer_names, decoder_with_state, resolve_decoder, state_snapshot
-from lightning_mem.evaluation import Comparison, evaluate_decoder, evaluation_mode, prior_latents
+from lightning_mem.evaluation import Comparison, active_total_correlation, evaluate_decoder, evaluation_mode, prior_latents
+from lightning_mem.functional.active import active_alignment
 from lightning_mem.jacobian import OutputKey, check_latent_shape, check_output_key, probe_decoder
 from lightning_mem.metrics import ManifoldCrossMutualInformation, ManifoldEntropicMetrics
 from lightning_mem.pictures import LatentPictures, latent_pictures
@@ -30,8 +32,9 @@ PICTURE_SAMPLES = 16
 traversals' origin)."""
 
 MAX_KEPT_JACOBIAN_BYTES = 64 * 2**20
-"""With ``drift`` and fixed latents, an evaluation keeps its Jacobians (per process) for the next one's drift when they
-take at most this much memory; otherwise the next evaluation recomputes them from the parameter snapshot."""
+"""An evaluation keeps its Jacobians (per process) when they take at most this much memory: for the total correlation
+of its active latents (otherwise their columns are computed again) and, with ``drift`` and fixed latents, for the next
+evaluation's drift (otherwise it recomputes them from the parameter snapshot)."""
 
 
 class DecoderTracker:
@@ -43,7 +46,10 @@ class DecoderTracker:
     (``start``/``stop``); rank ``r`` takes the latents ``i`` with ``i % world_size == r``, so its share of the first
     ``n`` is a prefix of its share of all of them. Drift compares the latents the two evaluations have in common
     (the first ``min(n_previous, n)``). The drift state (a snapshot of the decoder's weights, and its Jacobians when
-    they fit :data:`MAX_KEPT_JACOBIAN_BYTES`) moves on only when the evaluation succeeded. A warning raised during evaluations
+    they fit :data:`MAX_KEPT_JACOBIAN_BYTES`) moves on only when the evaluation succeeded. :meth:`compute` adds the
+    ``active/...`` values: the total correlation of the active latents (a second pass, see
+    :func:`~lightning_mem.evaluation.active_total_correlation`) and the drift and reference alignment of their rows
+    (:func:`~lightning_mem.functional.active_alignment`). A warning raised during evaluations
     (e.g. the engine's fall-back to ``mode="loop"``) is given once per run (per :meth:`setup`). Arguments are those of
     :class:`~lightning_mem.ManifoldEntropicMetricsCallback`.
     """
@@ -67,7 +73,7 @@ class DecoderTracker:
         std: Tensor | float | None,
         sigma: Tensor | None,
         eps: float,
-        active_threshold: float,
+        active_threshold: float | None,
         seed: int,
     ) -> None:
         check_output_key(output_key)
@@ -82,6 +88,8 @@ class DecoderTracker:
         self.previous_jacobians: list[Tensor] | None = None  # its Jacobians at this rank's share of the latents, when kept
         self.previous_count: int | None = None  # how many of the latents (the first ones) it took; None: all
         self._pending: tuple[dict[str, Tensor] | None, list[Tensor] | None, int | None] = (None, None, None)
+        self._evaluated: _Evaluated | None = None  # this evaluation's decoder, rows and kept Jacobians (active pass)
+        self.active_seconds = 0.0  # seconds of the last evaluation's pass over the active latents' columns
         self._drawn_latents: Tensor | None = None
         self.metric: ManifoldEntropicMetrics | None = None
         self._reference_metric: ManifoldCrossMutualInformation | None = None
@@ -202,10 +210,37 @@ class DecoderTracker:
                     warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
     def compute(self) -> dict[str, Tensor]:
-        """Every rank: sync and finish the metrics (on the CPU); only then does the drift state move on."""
+        """Every rank: sync and finish the metrics (on the CPU), with the ``active/...`` values; only then does the drift
+        state move on."""
         values = self._compute()
+        values.update(self._active_values(values))
         self.previous, self.previous_jacobians, self.previous_count = self._pending
+        self._evaluated = None
         return values
+
+    def _active_values(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every rank: the ``active/...`` values beyond the metric's own: the total correlation of the active latents
+        and the drift and reference alignment of their rows (the drift's columns: the same latents, earlier).
+
+        The active latents come from the synced spectrum, so every rank takes the same ones, and its own samples' sums
+        add up exactly across ranks. The total correlation needs a second pass over this rank's Jacobians: the ones
+        the evaluation kept (no decoder call) or, when they did not fit :data:`MAX_KEPT_JACOBIAN_BYTES`, the active
+        columns computed again (``|A|`` of ``d`` forward passes); its seconds are in :attr:`active_seconds`.
+        """
+        begin = time.perf_counter()
+        active = self.metric.active_latents(values["latent_entropy"]).mask
+        active_values: dict[str, Tensor] = {}
+        evaluated = self._evaluated
+        if evaluated is not None:
+            source: dict[str, Any] = {"jacobians": evaluated.kept} if evaluated.kept is not None else evaluated.inputs
+            options = {"total_correlation": values["total_correlation"], "mode": self.mode, "chunk_size": evaluated.chunk_size}
+            active_values["active/total_correlation"] = active_total_correlation(self.metric, active, **options, **source)
+        for group, columns in (("drift", active), ("reference", None)):
+            if f"{group}/cross_mutual_information" in values:
+                summary = active_alignment(values[f"{group}/cross_mutual_information"], active, columns)
+                active_values.update({f"active/{group}/{name}": value for name, value in summary.items()})
+        self.active_seconds = time.perf_counter() - begin
+        return active_values
 
     def _inputs(
         self, trainer: Trainer, pl_module: LightningModule, *, device: torch.device | None = None, with_reference: bool = True
@@ -249,6 +284,8 @@ class DecoderTracker:
         self, trainer: Trainer, pl_module: LightningModule, start: int, stop: int | None, state: dict[str, Tensor] | None
     ) -> tuple[dict[str, Tensor] | None, list[Tensor] | None, int | None]:
         """Fill the metrics; return the decoder's state, Jacobians and latent count for the next evaluation's drift."""
+        if start == 0:
+            self._evaluated = None  # (an earlier evaluation's, if it failed before its compute)
         resolved = self.resolve(pl_module)
         device, rank, world_size = pl_module.device, trainer.global_rank, trainer.world_size
         if state is not None:  # earlier weights (the start of training): equal on every rank, as DDP starts them
@@ -278,8 +315,8 @@ class DecoderTracker:
             for metric in (self.metric, self._drift_metric, self._reference_metric):
                 if metric is not None:
                     metric.to(device).reset()
-        else:  # extending this evaluation: its Jacobians so far
-            kept = self._pending[1]
+        elif self._evaluated is not None:  # extending this evaluation: its Jacobians so far
+            kept = self._evaluated.kept
         fixed_inputs = not callable(self.latents) and not callable(self.conditions)
         chunk_size = self._chunk(decoder, z, conditions)
         previous: Callable[..., Any] | None = None  # the decoder at the previous evaluation's weights, made when needed
@@ -297,7 +334,7 @@ class DecoderTracker:
             if reference_z is not None:
                 comparisons.append(Comparison(self._reference_metric, decoder=self.reference_decoder, latents=reference_z[rows]))
             kept_bytes = 0 if kept is None else sum(j.numel() * j.element_size() for j in kept)
-            keep = MAX_KEPT_JACOBIAN_BYTES - kept_bytes if self.drift and fixed_inputs and kept is not None else 0
+            keep = MAX_KEPT_JACOBIAN_BYTES - kept_bytes if kept is not None else 0
             part = evaluate_decoder(
                 decoder,
                 z[rows],
@@ -311,7 +348,15 @@ class DecoderTracker:
                 keep_bytes=max(keep, 0),
             )
             kept = None if kept is None or part is None else kept + part
-        return (current, kept, stop) if self.drift else (None, None, None)
+        mine = slice(rank, stop, world_size)  # this rank's latents of the evaluation so far, in the order evaluated
+        inputs = {
+            "decoder": decoder,
+            "z": z[mine],
+            "condition": None if conditions is None else conditions[mine],
+            "labels": None if labels is None else labels[mine],
+        }
+        self._evaluated = _Evaluated(inputs, kept, chunk_size)
+        return (current, kept if fixed_inputs else None, stop) if self.drift else (None, None, None)
 
     def _parts(self, start: int, stop: int, rank: int, world_size: int, device: torch.device) -> list[tuple[int, int, str | None]]:
         """The latents ``start:stop`` in parts ``(lo, hi, drift)``: the drift compares the decoder with the previous
@@ -356,6 +401,15 @@ class DecoderTracker:
         if self.num_classes is None:
             values.pop("num_classes_seen")
         return {name: value.detach().cpu() for name, value in values.items()}
+
+
+class _Evaluated(NamedTuple):
+    """What an evaluation took on this rank, for the pass over its active latents: the decoder and its ``inputs``
+    (``decoder``, ``z``, ``condition``, ``labels``), the Jacobians when ``kept`` (else ``None``), the ``chunk_size``."""
+
+    inputs: dict[str, Any]
+    kept: list[Tensor] | None
+    chunk_size: int | None
 
 
 def _on(state: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

@@ -62,6 +62,15 @@ SCALAR_NAMES = {
 }
 DRIFT_NAMES = {"drift/alignment", "drift/self_correlation", "drift/cross_mutual_information_diag", "drift/num_rematched"}
 REFERENCE_NAMES = {"reference/alignment", "reference/num_matched"}
+# on the active latents only (tests/test_active_subspace.py checks their values)
+ACTIVE_NAMES = {
+    "active/total_correlation",
+    "active/pairwise_mutual_information_max",
+    "active/pairwise_mutual_information_mean",
+    "active/reference/alignment",
+    "active/reference/num_matched",
+}
+ACTIVE_DRIFT_NAMES = {"active/drift/alignment", "active/drift/self_correlation", "active/drift/num_rematched"}
 FIGURE_NAMES = {"spectrum_history", "pairwise_mutual_information", "reference/cross_mutual_information"}
 
 
@@ -149,10 +158,11 @@ def test_tensorboard_fit_logs_every_key_at_every_scheduled_step_and_figures(tmp_
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalar_tags = {tag for tag in events.Tags()["scalars"] if tag.startswith("mem/")}
-    assert scalar_tags == {f"mem/{name}" for name in SCALAR_NAMES | DRIFT_NAMES | REFERENCE_NAMES}
+    assert scalar_tags == {f"mem/{name}" for name in SCALAR_NAMES | DRIFT_NAMES | REFERENCE_NAMES | ACTIVE_NAMES | ACTIVE_DRIFT_NAMES}
     for tag in scalar_tags:
         steps = [event.step for event in events.Scalars(tag)]
-        assert steps == (expected_steps[1:] if tag.startswith("mem/drift/") else expected_steps), tag
+        drift = tag.startswith(("mem/drift/", "mem/active/drift/"))
+        assert steps == (expected_steps[1:] if drift else expected_steps), tag
     assert set(events.Tags()["images"]) == {f"mem/{name}" for name in FIGURE_NAMES}
     for name in FIGURE_NAMES:
         images = events.Images(f"mem/{name}")
@@ -767,8 +777,9 @@ def test_a_logger_without_figures_gets_the_scalars_and_a_single_warning(tmp_path
     assert len(figure_warnings) == 1 and "CaptureLogger" in str(figure_warnings[0].message)
     assert [step for step, _ in logger.logged] == [0, 1, 2, 3]
     # top_k=5 > d=3: three ranks; drift from the second evaluation on
-    assert set(logger.logged[0][1]) == {f"mem/{name}" for name in SCALAR_NAMES}
-    assert set(logger.logged[1][1]) == {f"mem/{name}" for name in SCALAR_NAMES | DRIFT_NAMES}
+    active = {name for name in ACTIVE_NAMES if "/reference/" not in name}
+    assert set(logger.logged[0][1]) == {f"mem/{name}" for name in SCALAR_NAMES | active}
+    assert set(logger.logged[1][1]) == {f"mem/{name}" for name in SCALAR_NAMES | DRIFT_NAMES | active | ACTIVE_DRIFT_NAMES}
 
 
 # ---------------------------------------------------------------- CUDA (runs on a GPU machine; CPU-only CI skips it)

@@ -104,14 +104,21 @@ def test_a_folder_of_checkpoints_gives_curves_in_step_order_that_match_the_close
         truth = linear_closed_form(weight)
         latent_entropy = truth["entropy_per_dim"]  # conftest's name for the per-latent H_i
         mi = truth["pairwise_mutual_information"]
+        active = weight.norm(dim=0) > threshold
+        k = int(active.sum())
+        active_mi = mi[active][:, active]
         expected = {
             "entropy": truth["entropy"],
             "entropy_per_dim": truth["entropy"] / 3,
             "total_correlation": truth["total_correlation"],
             "total_correlation_per_dim": truth["total_correlation"] / 3,
-            "num_active": (weight.norm(dim=0) > threshold).sum(),
+            "num_active": k,
             "pairwise_mutual_information_max": mi.max(),
             "pairwise_mutual_information_mean": mi.sum() / 6,
+            # on the active latents only: the closed form of their columns alone (nothing with fewer than two)
+            "active/total_correlation": linear_closed_form(weight[:, active])["total_correlation"] if k > 1 else 0.0,
+            "active/pairwise_mutual_information_max": active_mi.max() if k > 1 else 0.0,
+            "active/pairwise_mutual_information_mean": active_mi.sum() / (k * (k - 1)) if k > 1 else 0.0,
             **{f"spectrum_{k + 1}": value for k, value in enumerate(latent_entropy.sort(descending=True).values)},
             **{f"latent_entropy_{i}": value for i, value in enumerate(latent_entropy)},
         }

@@ -17,6 +17,7 @@ from lightning_mem.functional import (
     DEFAULT_ACTIVE_THRESHOLD,
     DEFAULT_EPS,
     STANDARD_NORMAL_ENTROPY,
+    active_latents,
     entropy_spectrum,
     jacobian_gram,
     manifold_cross_mutual_information,
@@ -160,7 +161,7 @@ def test_linear_decoder_with_a_zero_column(zero_column, eps):
     expected_inactive[0, zero_column] = n
     assert torch.equal(statistics.num_inactive, expected_inactive)
     assert torch.equal(statistics.count, torch.tensor([float(n)], dtype=F64))
-    assert int(num_active_latents(got["entropy_per_dim"])) == 3
+    assert int(num_active_latents(got["entropy_per_dim"], eps=eps)) == 3  # the zero column is dead: at the floor
     _, order = entropy_spectrum(got["entropy_per_dim"])
     assert int(order[-1]) == zero_column
     # cross MI against a reference with a zero column: finite, and zero in that column
@@ -253,7 +254,10 @@ def test_num_active_latents_threshold():
     scales = torch.tensor([2.0, 0.5, 0.02, 0.005, 0.0], dtype=F64)
     a = torch.cat([torch.diag(scales), torch.zeros(1, 5, dtype=F64)])
     per_dim, _ = manifold_entropy(linear_jacobian(a))
-    assert int(num_active_latents(per_dim)) == int((scales > DEFAULT_ACTIVE_THRESHOLD).sum()) == 3
+    # by default the spectrum's shape: log column norms 0.69, -0.69, -3.9, -5.3 fall evenly (no plateau), the zero
+    # column is dead at the floor
+    assert int(num_active_latents(per_dim)) == int(active_latents(per_dim).num_active) == 4
+    assert int(num_active_latents(per_dim, threshold=DEFAULT_ACTIVE_THRESHOLD)) == int((scales > DEFAULT_ACTIVE_THRESHOLD).sum()) == 3
     assert int(num_active_latents(per_dim, threshold=0.03)) == 2
     assert int(num_active_latents(per_dim, threshold=0.001)) == 4
     assert int(num_active_latents(per_dim, threshold=10.0)) == 0

@@ -43,8 +43,12 @@ def test_latent_axes_have_integer_ticks(d):
 def test_the_active_level_is_a_dotted_line_at_its_entropy():
     level = STANDARD_NORMAL_ENTROPY + math.log(0.1)
     _, ax = plot_entropy_spectrum(torch.tensor([1.0, 0.5, -3.0]), active_level=level)
-    (line,) = [line for line in ax.lines if line.get_label() == "active threshold"]
+    (line,) = [line for line in ax.lines if line.get_label() == "active level"]
     assert line.get_linestyle() == ":" and list(line.get_ydata()) == [level, level]
+    # all or no latents active (an infinite level): no line
+    for infinite in (-math.inf, math.inf):
+        _, ax = plot_entropy_spectrum(torch.tensor([1.0, 0.5, -3.0]), active_level=infinite)
+        assert [line.get_label() for line in ax.lines if line.get_label() == "active level"] == []
 
 
 def test_active_latents_are_marked_beside_the_rows_and_above_the_columns():
@@ -67,19 +71,33 @@ def test_kept_figures_follow_new_values_and_active_masks():
     level = -1.0
     history.update([torch.tensor([1.0, -2.0])], [0], "one", active_level=level)
     ax = history.update([torch.tensor([1.0, -2.0]), torch.tensor([2.0, -3.0])], [0, 5], "two", active_level=level).axes[0]
-    spectra = [line for line in ax.lines if line.get_label() != "active threshold"]
+    spectra = [line for line in ax.lines if line.get_label() != "active level"]
     assert [list(line.get_ydata()) for line in spectra] == [[1.0, -2.0], [2.0, -3.0]]
     assert len(ax.lines) == 3
+    # the level follows the last evaluation, and hides while every latent is active
+    (level_line,) = [line for line in ax.lines if line.get_label() == "active level"]
+    history.update([torch.tensor([1.0, -2.0]), torch.tensor([2.0, -3.0])], [0, 5], "three", active_level=-math.inf)
+    assert not level_line.get_visible()
+    history.update([torch.tensor([1.0, -2.0]), torch.tensor([2.0, -3.0])], [0, 5], "four", active_level=-0.5)
+    assert level_line.get_visible() and list(level_line.get_ydata()) == [-0.5, -0.5]
 
 
-def test_evaluation_figures_mark_the_latents_above_the_active_level():
-    figures = EvaluationFigures(active_level=0.0)
-    values = {"latent_entropy": torch.tensor([1.0, -2.0, 0.5]), "pairwise_mutual_information": torch.rand(3, 3)}
-    drawn = figures.update([{"step": 0, "spectrum": torch.tensor([1.0, 0.5, -2.0])}], values)
-    assert set(drawn) == {"spectrum_history", "pairwise_mutual_information"}
-    ax = drawn["pairwise_mutual_information"].axes[0]
-    rows = next(c for c in ax.collections if c.get_label() == "active latents").get_offsets()
-    assert rows[:, 1].tolist() == [0, 2]
+def test_evaluation_figures_mark_the_active_latents_and_draw_their_level():
+    # the spectrum's shape: latents 0, 2 and 3 above a plateau of two near -2 nats
+    entropy = torch.tensor([1.0, -2.0, 0.5, 0.8, -2.1], dtype=torch.float64)
+    values = {"latent_entropy": entropy, "pairwise_mutual_information": torch.rand(5, 5)}
+    history = [{"step": 0, "spectrum": entropy.sort(descending=True).values}]
+    for figures, active_rows, level in (
+        (EvaluationFigures(), [0, 2, 3], 0.5 * (0.5 - 2.0)),
+        (EvaluationFigures(active_threshold=math.exp(0.7 - STANDARD_NORMAL_ENTROPY)), [0, 3], 0.7),  # the absolute rule
+    ):
+        drawn = figures.update(history, values)
+        assert set(drawn) == {"spectrum_history", "pairwise_mutual_information"}
+        ax = drawn["pairwise_mutual_information"].axes[0]
+        rows = next(c for c in ax.collections if c.get_label() == "active latents").get_offsets()
+        assert rows[:, 1].tolist() == active_rows
+        (line,) = [line for line in drawn["spectrum_history"].axes[0].lines if line.get_label() == "active level"]
+        assert list(line.get_ydata()) == pytest.approx([level, level])
 
 
 def test_save_figure_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):

@@ -6,7 +6,6 @@ Needs the ``demo`` extra (scikit-learn for the digits, FrEIA for the flow): ``pi
 from lightning_mem.demo.run import (
     DEFAULT_STEPS,
     DEMO_NUM_EVALUATIONS,
-    DIGITS_ACTIVE_THRESHOLD,
     MODELS,
     build_demo,
     fit,
@@ -17,7 +16,6 @@ from lightning_mem.demo.run import (
 __all__ = [
     "DEFAULT_STEPS",
     "DEMO_NUM_EVALUATIONS",
-    "DIGITS_ACTIVE_THRESHOLD",
     "MODELS",
     "build_demo",
     "fit",

@@ -21,13 +21,12 @@ from lightning_mem._checks import check_positive_int
 from lightning_mem.demo.datasets import load_digits, make_two_moons, tensor_dataloader
 from lightning_mem.demo.models import BetaVAE, CouplingFlow
 from lightning_mem.evaluate import LineProgress, is_terminal
-from lightning_mem.functional import DEFAULT_ACTIVE_THRESHOLD, STANDARD_NORMAL_ENTROPY
+from lightning_mem.functional import active_latents
 from lightning_mem.plotting import save_mutual_information_figure, save_spectrum_figure
 
 __all__ = [
     "DEFAULT_STEPS",
     "DEMO_NUM_EVALUATIONS",
-    "DIGITS_ACTIVE_THRESHOLD",
     "MODELS",
     "LineProgressBar",
     "build_demo",
@@ -45,12 +44,6 @@ DEFAULT_STEPS = {"vae": 3000, "flow": 2000}
 
 DEMO_BETA = 1.0
 """The demo VAE's KL weight (the plain VAE): on the digits it already switches most of its 16 latents off."""
-
-DIGITS_ACTIVE_THRESHOLD = 0.1
-"""Active-latent threshold for the digits: a latent is active when one prior standard deviation of it moves the
-image by more than 0.1 (geometric-mean decoder column norm, pixels in [0, 1], 64 of them). Switched-off latents of
-a VAE trained for a few thousand steps sit on a plateau near 0.03, above the package default of 0.01 (which suits
-converged models); 0.1 separates the two groups and agrees with the KL-based count of active units."""
 
 DEMO_LATENT_DIM = 16
 DEMO_BATCH_SIZE = 128
@@ -219,7 +212,7 @@ def run_demo(
         ``metrics`` (the callback's ``last_metrics``: the keys of :class:`~lightning_mem.ManifoldEntropicMetrics`
         plus ``eval_time`` and ``drift/...``), ``history`` (the callback's ``[{"step", "spectrum"}]``), ``model``,
         ``steps``, ``log_dir``, ``spectrum_png``, ``mutual_information_png``, ``checkpoint``, ``module_class``,
-        ``tensorboard_command``, ``active_threshold``, ``train_time_s``, ``wall_time_s``.
+        ``tensorboard_command``, ``train_time_s``, ``wall_time_s``.
 
     Raises:
         ValueError: for an unknown ``model`` or a non-positive ``steps``/``num_samples``.
@@ -234,14 +227,12 @@ def run_demo(
     check_positive_int(num_samples, "num_samples")
     seed_everything(seed, verbose=False)
     module, loader = build_demo(model, seed=seed)
-    threshold = DIGITS_ACTIVE_THRESHOLD if model == "vae" else DEFAULT_ACTIVE_THRESHOLD
     out = Path(out)
     logger = TensorBoardLogger(save_dir=str(out), name=f"demo_{model}", default_hp_metric=False)
     latents = torch.randn(num_samples, module.latent_dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     callback = ManifoldEntropicMetricsCallback(
         latents=latents,
         num_evaluations=DEMO_NUM_EVALUATIONS,
-        active_threshold=threshold,
         seed=seed,
     )
     train_start = time.perf_counter()
@@ -258,7 +249,7 @@ def run_demo(
         {f"step {entry['step']}": entry["spectrum"] for entry in history},
         log_dir / "spectrum.png",
         title=f"Entropy spectrum of the demo {model} during training",
-        threshold=STANDARD_NORMAL_ENTROPY + math.log(threshold),
+        threshold=float(active_latents(metrics["latent_entropy"]).level),  # the last evaluation's
         color_values=[entry["step"] for entry in history],
         color_label="training step",
     )
@@ -277,7 +268,6 @@ def run_demo(
         "checkpoint": str(checkpoint),
         "module_class": f"{type(module).__module__}:{type(module).__qualname__}",
         "tensorboard_command": f"tensorboard --logdir {out}",
-        "active_threshold": threshold,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - start,
     }

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
-from lightning_mem._checks import check_positive_float
+from lightning_mem.functional.active import active_latents
 from lightning_mem.functional.statistics import (
-    DEFAULT_ACTIVE_THRESHOLD,
     DEFAULT_EPS,
-    STANDARD_NORMAL_ENTROPY,
     batch_statistics,
     cross_statistics,
     finish_entropy,
@@ -264,23 +260,36 @@ def entropy_spectrum(entropy_per_dim: Tensor) -> tuple[Tensor, Tensor]:
     return spectrum, order
 
 
-def num_active_latents(entropy_per_dim: Tensor, threshold: float = DEFAULT_ACTIVE_THRESHOLD) -> Tensor:
-    r"""Number of latents with :math:`\exp(H_i - h_0) > \mathrm{threshold}` (geometric-mean column norm, data units).
+def num_active_latents(entropy_per_dim: Tensor, threshold: float | None = None, *, eps: float = DEFAULT_EPS) -> Tensor:
+    r"""Number of active latents: above the plateau of switched-off latents of the spectrum, or above a threshold.
+
+    By default (``threshold=None``) the count of :func:`~lightning_mem.functional.active_latents`: the latents above
+    the widest gap that separates a bunched plateau from the rest of the spectrum, all latents when there is none.
+    It depends only on differences of the :math:`H_i`, so neither on the number of output dims nor on the data
+    scale. A positive ``threshold`` keeps the absolute rule, :math:`\exp(H_i - h_0) > \mathrm{threshold}` (the
+    geometric-mean column norm in data units; :data:`~lightning_mem.functional.DEFAULT_ACTIVE_THRESHOLD` is 0.01),
+    which depends on both: on a 784-pixel VAE the switched-off latents' columns are still 0.1-0.2 long.
 
     Args:
         entropy_per_dim: ``(d,)`` per-latent entropies :math:`H_i`.
-        threshold: positive column-norm level.
+        threshold: ``None`` (the spectrum's shape), or a positive column-norm level.
+        eps: the floor the entropies were computed with (latents at the floor are dead, never active).
 
     Returns:
         Scalar long tensor.
 
     Raises:
-        ValueError: if ``threshold`` is not a positive finite number.
+        ValueError: if ``threshold`` is not ``None`` or a positive finite number, or ``entropy_per_dim`` is not a
+            non-empty ``(d,)`` tensor of finite values.
+        TypeError: if ``entropy_per_dim`` is not a floating point tensor.
 
     Example:
         >>> import torch
-        >>> num_active_latents(STANDARD_NORMAL_ENTROPY + torch.tensor([0.0, -3.0, -6.0]), threshold=0.01)  # log 0.01 = -4.6
-        tensor(2)
+        >>> from lightning_mem.functional import STANDARD_NORMAL_ENTROPY
+        >>> entropy = STANDARD_NORMAL_ENTROPY + torch.tensor([0.4, 0.0, -0.5, -3.0, -3.1, -3.2])  # a plateau near -3
+        >>> num_active_latents(entropy)
+        tensor(3)
+        >>> num_active_latents(entropy, threshold=0.01)  # log 0.01 = -4.6: the plateau counts too
+        tensor(6)
     """
-    check_positive_float(threshold, "threshold")
-    return (entropy_per_dim > STANDARD_NORMAL_ENTROPY + math.log(threshold)).sum()
+    return active_latents(entropy_per_dim, threshold=threshold, eps=eps).num_active

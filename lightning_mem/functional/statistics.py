@@ -71,7 +71,9 @@ DEFAULT_EPS = 1e-12
 :math:`G_{ii} \\le \\epsilon \\max_j G_{jj}` (a column norm at most 1e-6 times the sample's largest)."""
 
 DEFAULT_ACTIVE_THRESHOLD = 1e-2
-"""A latent is *active* when :math:`\\exp(H_i - h_0)`, the geometric-mean norm of its decoder column, exceeds this."""
+"""The absolute rule's conventional level: a latent is *active* when :math:`\\exp(H_i - h_0)`, the geometric-mean norm
+of its decoder column, exceeds this. No longer the default, which reads the shape of the spectrum
+(:func:`~lightning_mem.functional.active_latents`); pass ``threshold=DEFAULT_ACTIVE_THRESHOLD`` for the old count."""
 
 _U = torch.finfo(torch.float64).eps
 """float64 machine epsilon, 2.2e-16."""

@@ -11,10 +11,10 @@ from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
 from lightning_mem._checks import check_positive_float, check_positive_int, check_scale
+from lightning_mem.functional.active import ActiveLatents, active_latents, pairwise_summary
 from lightning_mem.functional.alignment import alignment_summary
-from lightning_mem.functional.manifold import entropy_spectrum, num_active_latents
+from lightning_mem.functional.manifold import entropy_spectrum
 from lightning_mem.functional.statistics import (
-    DEFAULT_ACTIVE_THRESHOLD,
     DEFAULT_EPS,
     CrossStatistics,
     GramStatistics,
@@ -273,10 +273,18 @@ class _GramMetric(_SumMetric):
 class _EntropyMetric(_GramMetric):
     """The entropy values shared by :class:`ManifoldEntropy` and :class:`ManifoldEntropicMetrics`."""
 
-    def __init__(self, latent_dim: int, *, active_threshold: float = DEFAULT_ACTIVE_THRESHOLD, **kwargs: Any) -> None:
+    def __init__(self, latent_dim: int, *, active_threshold: float | None = None, **kwargs: Any) -> None:
         super().__init__(latent_dim, **kwargs)
-        check_positive_float(active_threshold, "active_threshold")
+        if active_threshold is not None:
+            check_positive_float(active_threshold, "active_threshold")
+        # how `compute` reads the sums, not what `update` adds: metrics with different thresholds may merge their states
         self.active_threshold = active_threshold
+
+    def active_latents(self, latent_entropy: Tensor) -> ActiveLatents:
+        """The active latents of ``latent_entropy`` by this metric's rule: the spectrum's shape
+        (``active_threshold=None``; latents at this metric's ``eps`` floor are dead) or the absolute threshold
+        (:func:`~lightning_mem.functional.active_latents`)."""
+        return active_latents(latent_entropy, threshold=self.active_threshold, eps=self.eps)
 
     def _entropy_values(self) -> dict[str, Tensor]:
         self._classes_seen()
@@ -288,7 +296,7 @@ class _EntropyMetric(_GramMetric):
             "latent_entropy": latent_entropy,
             "spectrum": spectrum,
             "spectrum_order": order,
-            "num_active": num_active_latents(latent_entropy, self.active_threshold),
+            "num_active": self.active_latents(latent_entropy).num_active,
         }
 
     def plot(self, val: dict[str, Tensor] | None = None, ax: Any = None, log_x: bool = False) -> tuple[Any, Any]:
@@ -314,7 +322,11 @@ class ManifoldEntropy(_EntropyMetric):
             (counted in :meth:`diagnostics`; see :func:`lightning_mem.functional.manifold_entropy`).
         num_classes: class-conditional mode: ``update(jacobian, labels)`` accumulates per class, ``compute`` averages
             the classes seen (and warns about classes never seen).
-        active_threshold: a latent is active when :math:`\exp(H_i - h_0)` exceeds it.
+        active_threshold: ``None``: ``num_active`` counts the latents above the plateau of switched-off latents at
+            the bottom of the spectrum (:func:`~lightning_mem.functional.active_latents`, free of the number of output
+            dims and of the data scale); a positive float: the latents with :math:`\exp(H_i - h_0)` above it (the
+            geometric-mean column norm in data units). It only changes how ``compute`` reads the sums, so it is no
+            part of the configuration that ``merge_state`` checks.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     ``compute()`` returns a dict (keys of the README's vocabulary table): ``entropy`` ``()`` (:math:`H`),
@@ -425,6 +437,13 @@ class ManifoldEntropicMetrics(_EntropyMetric):
     - ``total_correlation`` ``()`` and ``total_correlation_per_dim`` ``()``.
     - ``pairwise_mutual_information`` ``(d, d)``; ``pairwise_mutual_information_max`` ``()`` and
       ``pairwise_mutual_information_mean`` ``()`` over the off-diagonal pairs (0 when ``d == 1``).
+    - ``active/pairwise_mutual_information_max`` ``()`` and ``active/pairwise_mutual_information_mean`` ``()``: the
+      same over the pairs of active latents only (the ``num_active`` ones, see :meth:`active_latents`; the sub-block
+      of the matrix, 0 with fewer than two active latents): switched-off latents have tiny columns in arbitrary
+      directions that look dependent, and these leave them out. The total correlation of the active latents,
+      ``active/total_correlation``, needs the log-determinants of the active columns' Gram sub-matrices, which no
+      sum over all latents holds: :func:`lightning_mem.evaluation.active_total_correlation` takes a second pass over
+      the Jacobians (the callback and ``lightning-mem evaluate`` do).
 
     Counts (samples, classes seen, inactive columns, ill-conditioned samples) are in :meth:`diagnostics`.
 
@@ -479,19 +498,17 @@ class ManifoldEntropicMetrics(_EntropyMetric):
 
     def compute(self) -> dict[str, Tensor]:
         """Finish the accumulated sums."""
-        d = self.latent_dim
         values = self._entropy_values()
         total_correlation = finish_total_correlation(self.statistics)
         pairwise = finish_mutual_information(self.statistics)
-        off_diagonal = pairwise[~torch.eye(d, dtype=torch.bool, device=pairwise.device)]
-        zero = pairwise.new_zeros(())
+        active = self.active_latents(values["latent_entropy"]).mask
         values.update(
             {
                 "total_correlation": total_correlation,
-                "total_correlation_per_dim": total_correlation / d,
+                "total_correlation_per_dim": total_correlation / self.latent_dim,
                 "pairwise_mutual_information": pairwise,
-                "pairwise_mutual_information_max": off_diagonal.max() if d > 1 else zero,
-                "pairwise_mutual_information_mean": off_diagonal.mean() if d > 1 else zero,
+                **pairwise_summary(pairwise),
+                **{f"active/{name}": value for name, value in pairwise_summary(pairwise, active).items()},
             }
         )
         return values
