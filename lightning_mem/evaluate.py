@@ -6,7 +6,6 @@ import csv
 import importlib
 import io
 import json
-import os
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from torch import Tensor
 from lightning_mem._checks import check_mode, check_positive_float, check_positive_int
 from lightning_mem.decoders import ResolvedDecoder, resolve_decoder, resolve_latent_dim
 from lightning_mem.evaluation import active_total_correlation, evaluate_decoder, evaluation_mode, prior_latents
+from lightning_mem.files import atomic_write
 from lightning_mem.functional import DEFAULT_EPS, active_latents, entropy_spectrum
 from lightning_mem.jacobian import OutputKey, check_latent_shape, check_output_key, probe_decoder
 from lightning_mem.metrics import ManifoldEntropicMetrics
@@ -866,11 +866,5 @@ def _check_writable(folder: Path) -> None:
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as file:
+        file.write(text)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_mem.files import atomic_write
 from lightning_mem.functional.active import active_latents
 from lightning_mem.functional.manifold import entropy_spectrum
 from lightning_mem.functional.statistics import DEFAULT_EPS
@@ -351,21 +350,15 @@ def _subplots(figsize: tuple[float, float]) -> tuple[Any, Any]:
 
 
 def save_figure(fig: Any, path: str | Path, *, close: bool = True) -> Path:
-    """Write ``fig`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``).
+    """Write ``fig`` to ``path`` atomically (:func:`~lightning_mem.files.atomic_write`).
 
     A kill leaves the old file or the new one, never half of one. Parent folders are created. ``close`` closes the
     figure afterwards (pyplot's, for figures made by :func:`plot_entropy_spectrum` and friends without ``ax``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     try:
-        with os.fdopen(descriptor, "wb") as file:
+        with atomic_write(path, "wb") as file:
             fig.savefig(file, format=path.suffix.lstrip(".") or "png")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     finally:
         if close:
             _pyplot().close(fig)

@@ -242,8 +242,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def check_consistent(folder: Path, old: dict[str, bytes], new: dict[str, bytes]) -> dict[str, str]:
     """Assert the output folder after a kill is one a reader can trust; return which run each final file is from."""
     leftovers = sorted(path.name for path in folder.iterdir() if path.name not in FINAL_NAMES)
-    temporary = re.compile(r"^\.(spectrum\.png|pairwise_mutual_information\.png)\.[^.]+\.png$|^\.report\.json\.[^.]+$")
-    for name in leftovers:  # os.replace writing can leave its temporary file on SIGKILL: hidden, never a final name
+    temporary = re.compile(r"^\.(spectrum\.png|pairwise_mutual_information\.png|report\.json)\.[0-9a-f]+\.partial$")
+    for name in leftovers:  # a kill can leave the temporary file: hidden, never a final name nor a final extension
         assert temporary.match(name), f"unexpected file {name!r} in the output folder"
     origin = {}
     for name in FINAL_NAMES:
