@@ -20,6 +20,7 @@ from lightning_mem.budget import DEFAULT_MAX_OVERHEAD, TimeBudget, affordable_sa
 from lightning_mem.decoders import resolve_latent_dim
 from lightning_mem.evaluation import evaluation_mode
 from lightning_mem.functional.statistics import DEFAULT_EPS
+from lightning_mem.jacobian import JacobianMode
 from lightning_mem.loggers import figure_loggers
 from lightning_mem.pictures import LatentPictures
 from lightning_mem.plotting import EvaluationFigures
@@ -209,7 +210,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         image_shape: Sequence[int] | None = None,
         top_k: int = 3,
         chunk_size: int | str | None = "auto",
-        mode: str = "auto",
+        mode: JacobianMode = "auto",
         std: Tensor | float | None = None,
         sigma: Tensor | None = None,
         eps: float = DEFAULT_EPS,
@@ -404,7 +405,8 @@ class ManifoldEntropicMetricsCallback(Callback):
             self._epoch_interval = _UNBOUNDED_FALLBACK_EPOCHS
             return
         self._scheduled_steps = _evenly_spaced_steps(int(total_steps), self.num_evaluations)
-        stoppers = [type(c).__name__ for c in trainer.callbacks if isinstance(c, (EarlyStopping, Timer))]
+        callbacks: list[Callback] = getattr(trainer, "callbacks", [])  # Lightning sets it at init; `Trainer` declares no type
+        stoppers = [type(c).__name__ for c in callbacks if isinstance(c, (EarlyStopping, Timer))]
         if stoppers:
             rank_zero_warn(
                 f"ManifoldEntropicMetricsCallback: `num_evaluations={self.num_evaluations}` are spread over the run's estimated "

@@ -25,7 +25,7 @@ from lightning_mem.decoders import ResolvedDecoder, resolve_decoder, resolve_lat
 from lightning_mem.evaluation import active_total_correlation, evaluate_decoder, evaluation_mode, prior_latents
 from lightning_mem.files import atomic_write
 from lightning_mem.functional import DEFAULT_EPS, active_latents, entropy_spectrum
-from lightning_mem.jacobian import OutputKey, check_latent_shape, check_output_key, probe_decoder
+from lightning_mem.jacobian import JacobianMode, OutputKey, check_latent_shape, check_output_key, probe_decoder
 from lightning_mem.metrics import ManifoldEntropicMetrics
 from lightning_mem.plotting import plot_mutual_information, save_figure, save_spectrum_figure
 from lightning_mem.tracking import MAX_KEPT_JACOBIAN_BYTES
@@ -220,7 +220,7 @@ def decoder_metrics(
     labels: Tensor | None = None,
     num_classes: int | None = None,
     chunk_size: int = 64,
-    mode: str = "auto",
+    mode: JacobianMode = "auto",
     std: Tensor | float | None = None,
     eps: float = DEFAULT_EPS,
     active_threshold: float | None = None,
@@ -272,12 +272,31 @@ def decoder_metrics(
     metric = ManifoldEntropicMetrics(z.shape[-1], std=std, eps=eps, active_threshold=active_threshold, num_classes=num_classes)
     metric = metric.to(z.device)
     bar = _chunk_progress if progress else None
-    options = {"condition": condition, "labels": labels, "mode": mode, "chunk_size": chunk_size}
-    kept = evaluate_decoder(decoder, z, metric, progress=bar, keep_bytes=MAX_KEPT_JACOBIAN_BYTES, **options)
+    kept = evaluate_decoder(
+        decoder,
+        z,
+        metric,
+        condition=condition,
+        labels=labels,
+        mode=mode,
+        chunk_size=chunk_size,
+        progress=bar,
+        keep_bytes=MAX_KEPT_JACOBIAN_BYTES,
+    )
     values = metric.compute()
-    source: dict[str, Any] = {"jacobians": kept} if kept is not None else {"decoder": decoder, "z": z, **options}
     active = metric.active_latents(values["latent_entropy"]).mask
-    values["active/total_correlation"] = active_total_correlation(metric, active, total_correlation=values["total_correlation"], **source)
+    values["active/total_correlation"] = active_total_correlation(  # on the kept Jacobians, else the decoder's active columns
+        metric,
+        active,
+        total_correlation=values["total_correlation"],
+        jacobians=kept,
+        decoder=decoder,
+        z=z,
+        condition=condition,
+        labels=labels,
+        mode=mode,
+        chunk_size=chunk_size,
+    )
     return values
 
 
@@ -353,7 +372,7 @@ class _Settings:
     latent_shape: Sequence[int] | None
     num_classes: int | None
     chunk_size: int
-    mode: str
+    mode: JacobianMode
     double: bool
     active_threshold: float | None
 
@@ -420,7 +439,7 @@ def evaluate_checkpoint(
     latent_shape: Sequence[int] | None = None,
     num_classes: int | None = None,
     chunk_size: int = 64,
-    mode: str = "auto",
+    mode: JacobianMode = "auto",
     double: bool = False,
     active_threshold: float | None = None,
     progress: bool = True,
@@ -547,7 +566,7 @@ def evaluate_checkpoints(
     latent_shape: Sequence[int] | None = None,
     num_classes: int | None = None,
     chunk_size: int = 64,
-    mode: str = "auto",
+    mode: JacobianMode = "auto",
     double: bool = False,
     active_threshold: float | None = None,
     progress: bool = True,

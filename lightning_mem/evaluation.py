@@ -112,15 +112,11 @@ def evaluate_decoder(
         >>> [tuple(chunk.shape) for chunk in kept], int(metric.diagnostics()["num_samples"])
         ([(2, 3, 2), (2, 3, 2), (1, 3, 2)], 5)
     """
-    options = {"condition": condition, "mode": mode, "chunk_size": chunk_size}
-    others = [
-        iter(comparison.jacobians)
-        if comparison.jacobians is not None
-        else iter_decoder_jacobians(comparison.decoder, z if comparison.latents is None else comparison.latents, **options)
-        for comparison in comparisons
-    ]
+    others = [_comparison_jacobians(comparison, z, condition, mode, chunk_size) for comparison in comparisons]
     step = z.shape[0] if chunk_size is None else chunk_size
-    chunks: Iterator[Any] = zip(itertools.count(), iter_decoder_jacobians(decoder, z, **options), *others)
+    chunks: Iterator[Any] = zip(
+        itertools.count(), iter_decoder_jacobians(decoder, z, condition=condition, mode=mode, chunk_size=chunk_size), *others
+    )
     if progress is not None:
         chunks = progress(chunks, -(-z.shape[0] // step))
     kept: list[Tensor] | None = [] if keep_bytes > 0 else None
@@ -144,6 +140,18 @@ def evaluate_decoder(
             else:
                 kept = None
     return kept
+
+
+def _comparison_jacobians(
+    comparison: Comparison, z: Tensor, condition: Tensor | None, mode: JacobianMode, chunk_size: int | None
+) -> Iterator[Tensor]:
+    """The chunks of a comparison's Jacobians: its precomputed ``jacobians``, or its decoder's at its latents (or ``z``)."""
+    if comparison.jacobians is not None:
+        return iter(comparison.jacobians)
+    if comparison.decoder is None:
+        raise TypeError("Expected each of `comparisons` to have a `decoder` or `jacobians`, but got one with neither.")
+    latents = z if comparison.latents is None else comparison.latents
+    return iter_decoder_jacobians(comparison.decoder, latents, condition=condition, mode=mode, chunk_size=chunk_size)
 
 
 def active_total_correlation(
@@ -222,8 +230,8 @@ def active_total_correlation(
         design = columns.to(z.device).expand(z.shape[0], k)  # the same k columns for every sample
         chunks = iter_decoder_jacobian_columns(decoder, z, design, condition=condition, chunk_size=chunk_size)
     else:  # a mode the columns route does not take, or a decoder with its own Jacobian but no columns method
-        options = {"condition": condition, "mode": mode, "chunk_size": chunk_size}
-        chunks = (jacobian[..., columns.to(jacobian.device)] for jacobian in iter_decoder_jacobians(decoder, z, **options))
+        full = iter_decoder_jacobians(decoder, z, condition=condition, mode=mode, chunk_size=chunk_size)
+        chunks = (jacobian[..., columns.to(jacobian.device)] for jacobian in full)
     start = 0
     for chunk in chunks:
         rows = slice(start, start + chunk.shape[0])

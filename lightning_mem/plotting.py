@@ -249,7 +249,9 @@ class SpectrumHistoryFigure:
         _style_spectrum_axes(self.ax)
         self._level: Any = None
 
-    def update(self, spectra: Sequence[Tensor], color_values: Sequence[float], title: str, active_level: float | None = None) -> Any:
+    def update(
+        self, spectra: Sequence[Tensor], color_values: Sequence[float], title: str, active_level: float | Tensor | None = None
+    ) -> Any:
         """Draw ``spectra`` (the previous update's followed by new ones), coloured by ``color_values``, with the
         ``active_level`` line of :func:`plot_entropy_spectrum` (hidden while it is ``None`` or infinite); returns the
         figure."""
@@ -324,8 +326,8 @@ class EvaluationFigures:
         ``latent_columns`` and ``latent_traversals`` from ``pictures`` (:func:`~lightning_mem.pictures.latent_pictures`)."""
         steps = [entry["step"] for entry in history]
         spectra = [entry["spectrum"] for entry in history]
-        active = active_latents(values["latent_entropy"], threshold=self.active_threshold, eps=self.eps)
-        level, active = active.level, active.mask
+        found = active_latents(values["latent_entropy"], threshold=self.active_threshold, eps=self.eps)
+        level, active = found.level, found.mask
         figures = {
             "spectrum_history": self.spectrum_history.update(
                 spectra, steps, title=f"Entropy spectrum, steps {steps[0]} to {steps[-1]}", active_level=level

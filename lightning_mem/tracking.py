@@ -18,7 +18,7 @@ from lightning_mem.budget import auto_chunk_size
 from lightning_mem.decoders import ResolvedDecoder, buffer_names, decoder_with_state, resolve_decoder, state_snapshot
 from lightning_mem.evaluation import Comparison, active_total_correlation, evaluate_decoder, evaluation_mode, prior_latents
 from lightning_mem.functional.active import active_alignment
-from lightning_mem.jacobian import OutputKey, check_latent_shape, check_output_key, probe_decoder
+from lightning_mem.jacobian import JacobianMode, OutputKey, check_latent_shape, check_output_key, probe_decoder
 from lightning_mem.metrics import ManifoldCrossMutualInformation, ManifoldEntropicMetrics
 from lightning_mem.pictures import LatentPictures, latent_pictures
 
@@ -69,7 +69,7 @@ class DecoderTracker:
         reference_latents: Tensor | Callable[[Trainer, LightningModule], Tensor] | None,
         drift: bool,
         chunk_size: int | str | None,
-        mode: str,
+        mode: JacobianMode,
         std: Tensor | float | None,
         sigma: Tensor | None,
         eps: float,
@@ -104,10 +104,20 @@ class DecoderTracker:
         self.latent_dim = latent_dim
         self._warned = set()
         self._auto_chunk: int | None = None
-        options = {"std": self.std, "sigma": self.sigma, "eps": self.eps, "num_classes": self.num_classes}
-        self.metric = ManifoldEntropicMetrics(latent_dim, active_threshold=self.active_threshold, **options)
-        self._drift_metric = ManifoldCrossMutualInformation(latent_dim, latent_dim, reference_sigma=self.sigma, **options)
+        std, sigma, eps, num_classes = self.std, self.sigma, self.eps, self.num_classes
+        self.metric = ManifoldEntropicMetrics(
+            latent_dim, active_threshold=self.active_threshold, std=std, sigma=sigma, eps=eps, num_classes=num_classes
+        )
+        self._drift_metric = ManifoldCrossMutualInformation(
+            latent_dim, latent_dim, reference_sigma=sigma, std=std, sigma=sigma, eps=eps, num_classes=num_classes
+        )
         self._reference_metric = None
+
+    def _set_up(self) -> tuple[int, ManifoldEntropicMetrics]:
+        """The latent size and the metric that :meth:`setup` fixed, which every evaluation needs."""
+        if self.latent_dim is None or self.metric is None:
+            raise RuntimeError("Expected DecoderTracker.setup(latent_dim) before an evaluation, but it was not called.")
+        return self.latent_dim, self.metric
 
     def reseed(self, seed: int) -> None:
         """Draw the latents with another seed from the next evaluation on (a restored run's)."""
@@ -228,13 +238,23 @@ class DecoderTracker:
         columns computed again (``|A|`` of ``d`` forward passes); its seconds are in :attr:`active_seconds`.
         """
         begin = time.perf_counter()
-        active = self.metric.active_latents(values["latent_entropy"]).mask
+        _, metric = self._set_up()
+        active = metric.active_latents(values["latent_entropy"]).mask
         active_values: dict[str, Tensor] = {}
         evaluated = self._evaluated
-        if evaluated is not None:
-            source: dict[str, Any] = {"jacobians": evaluated.kept} if evaluated.kept is not None else evaluated.inputs
-            options = {"total_correlation": values["total_correlation"], "mode": self.mode, "chunk_size": evaluated.chunk_size}
-            active_values["active/total_correlation"] = active_total_correlation(self.metric, active, **options, **source)
+        if evaluated is not None:  # the kept Jacobians when there are some, else the decoder's active columns again
+            active_values["active/total_correlation"] = active_total_correlation(
+                metric,
+                active,
+                total_correlation=values["total_correlation"],
+                jacobians=evaluated.kept,
+                decoder=evaluated.decoder,
+                z=evaluated.z,
+                condition=evaluated.condition,
+                labels=evaluated.labels,
+                mode=self.mode,
+                chunk_size=evaluated.chunk_size,
+            )
         for group, columns in (("drift", active), ("reference", None)):
             if f"{group}/cross_mutual_information" in values:
                 summary = active_alignment(values[f"{group}/cross_mutual_information"], active, columns)
@@ -248,6 +268,7 @@ class DecoderTracker:
         """The full ``(latents, conditions, labels, reference_latents)`` of this evaluation, on the module's device (or
         ``device``); ``with_reference=False`` leaves the reference latents out."""
         device = pl_module.device if device is None else device
+        latent_dim, _ = self._set_up()
         dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.get_default_dtype())
         conditions = self.conditions if isinstance(self.conditions, Tensor) else None
         z = self.latents(trainer, pl_module) if callable(self.latents) else self.latents
@@ -255,10 +276,10 @@ class DecoderTracker:
             z, conditions = z
         if z is None:
             if self._drawn_latents is None:
-                self._drawn_latents = prior_latents(self.num_samples, self.latent_dim, self.seed, sigma=self.sigma)
+                self._drawn_latents = prior_latents(self.num_samples, latent_dim, self.seed, sigma=self.sigma)
             z = self._drawn_latents
-        if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"Expected latents of shape (N, {self.latent_dim}), but got {getattr(z, 'shape', type(z).__name__)}.")
+        if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[1] != latent_dim:
+            raise ValueError(f"Expected latents of shape (N, {latent_dim}), but got {getattr(z, 'shape', type(z).__name__)}.")
         n, labels = z.shape[0], None
         if self.num_classes is not None:
             labels = conditions if isinstance(conditions, Tensor) else torch.arange(n) % self.num_classes
@@ -287,6 +308,7 @@ class DecoderTracker:
         if start == 0:
             self._evaluated = None  # (an earlier evaluation's, if it failed before its compute)
         resolved = self.resolve(pl_module)
+        latent_dim, metric = self._set_up()
         device, rank, world_size = pl_module.device, trainer.global_rank, trainer.world_size
         if state is not None:  # earlier weights (the start of training): equal on every rank, as DDP starts them
             current, decoder = state, decoder_with_state(resolved, _on(state, device))
@@ -308,13 +330,13 @@ class DecoderTracker:
             self.previous = self.previous_jacobians = self.previous_count = None
         if reference_z is not None and (self._reference_metric is None or self._reference_metric.reference_dim != reference_z.shape[1]):
             self._reference_metric = ManifoldCrossMutualInformation(
-                self.latent_dim, reference_z.shape[1], std=self.std, sigma=self.sigma, eps=self.eps, num_classes=self.num_classes
+                latent_dim, reference_z.shape[1], std=self.std, sigma=self.sigma, eps=self.eps, num_classes=self.num_classes
             )
         kept: list[Tensor] | None = []
         if start == 0:
-            for metric in (self.metric, self._drift_metric, self._reference_metric):
-                if metric is not None:
-                    metric.to(device).reset()
+            for each in (metric, self._drift_metric, self._reference_metric):
+                if each is not None:
+                    each.to(device).reset()
         elif self._evaluated is not None:  # extending this evaluation: its Jacobians so far
             kept = self._evaluated.kept
         fixed_inputs = not callable(self.latents) and not callable(self.conditions)
@@ -331,14 +353,14 @@ class DecoderTracker:
             elif drift_source == "snapshot":
                 previous = previous or decoder_with_state(resolved, _on(self.previous or {}, device))
                 comparisons.append(Comparison(self._drift_metric, decoder=previous))
-            if reference_z is not None:
+            if reference_z is not None and self._reference_metric is not None:  # (made above)
                 comparisons.append(Comparison(self._reference_metric, decoder=self.reference_decoder, latents=reference_z[rows]))
             kept_bytes = 0 if kept is None else sum(j.numel() * j.element_size() for j in kept)
             keep = MAX_KEPT_JACOBIAN_BYTES - kept_bytes if kept is not None else 0
             part = evaluate_decoder(
                 decoder,
                 z[rows],
-                self.metric,
+                metric,
                 condition=None if conditions is None else conditions[rows],
                 labels=None if labels is None else labels[rows],
                 comparisons=comparisons,
@@ -349,13 +371,14 @@ class DecoderTracker:
             )
             kept = None if kept is None or part is None else kept + part
         mine = slice(rank, stop, world_size)  # this rank's latents of the evaluation so far, in the order evaluated
-        inputs = {
-            "decoder": decoder,
-            "z": z[mine],
-            "condition": None if conditions is None else conditions[mine],
-            "labels": None if labels is None else labels[mine],
-        }
-        self._evaluated = _Evaluated(inputs, kept, chunk_size)
+        self._evaluated = _Evaluated(
+            decoder,
+            z[mine],
+            None if conditions is None else conditions[mine],
+            None if labels is None else labels[mine],
+            kept,
+            chunk_size,
+        )
         return (current, kept if fixed_inputs else None, stop) if self.drift else (None, None, None)
 
     def _parts(self, start: int, stop: int, rank: int, world_size: int, device: torch.device) -> list[tuple[int, int, str | None]]:
@@ -385,7 +408,7 @@ class DecoderTracker:
     def _chunk(self, decoder: Callable[..., Any], z: Tensor, conditions: Tensor | None) -> int | None:
         """``chunk_size``, or for ``"auto"`` the one :func:`~lightning_mem.budget.auto_chunk_size` picks for all the
         latents ``z`` (once per run, so that every evaluation, whatever its sample count, has the same chunks)."""
-        if self.chunk_size != "auto":
+        if not isinstance(self.chunk_size, str):  # (the only string is "auto", checked by the callback)
             return self.chunk_size
         if self._auto_chunk is None:
             self._auto_chunk = auto_chunk_size(decoder, z, condition=conditions)
@@ -393,7 +416,8 @@ class DecoderTracker:
 
     def _compute(self) -> dict[str, Tensor]:
         """Every rank: sync and finish the metrics (rank-zero-only compute would deadlock the sync)."""
-        values = {**self.metric.compute(), **self.metric.diagnostics()}
+        _, metric = self._set_up()
+        values = {**metric.compute(), **metric.diagnostics()}
         if self.drift and self.previous is not None:
             values.update({f"drift/{name}": value for name, value in self._drift_metric.compute().items()})
         if self.reference_decoder is not None and self._reference_metric is not None:
@@ -404,10 +428,13 @@ class DecoderTracker:
 
 
 class _Evaluated(NamedTuple):
-    """What an evaluation took on this rank, for the pass over its active latents: the decoder and its ``inputs``
-    (``decoder``, ``z``, ``condition``, ``labels``), the Jacobians when ``kept`` (else ``None``), the ``chunk_size``."""
+    """What an evaluation took on this rank, for the pass over its active latents: the decoder and its inputs
+    (``z``, ``condition``, ``labels``), the Jacobians when ``kept`` (else ``None``), the ``chunk_size``."""
 
-    inputs: dict[str, Any]
+    decoder: Callable[..., Any]
+    z: Tensor
+    condition: Tensor | None
+    labels: Tensor | None
     kept: list[Tensor] | None
     chunk_size: int | None
 

@@ -247,9 +247,9 @@ class _Capture(Logger):
 
 def _fit(tmp_path: Path, **options) -> tuple[ManifoldEntropicMetricsCallback, RecordWeights, _Capture]:
     seed_everything(0, verbose=False)
-    reference = decoder_at(PlateauDecoder(seed=1).state_dict())
+    options.setdefault("reference_decoder", decoder_at(PlateauDecoder(seed=1).state_dict()))
     callback = ManifoldEntropicMetricsCallback(
-        num_samples=20, every_n_train_steps=2, every_n_epochs=None, chunk_size=6, reference_decoder=reference, log_figures=False, **options
+        num_samples=20, every_n_train_steps=2, every_n_epochs=None, chunk_size=6, log_figures=False, **options
     )
     recorder, logger = RecordWeights(), _Capture()
     trainer = Trainer(
@@ -265,6 +265,32 @@ def _fit(tmp_path: Path, **options) -> tuple[ManifoldEntropicMetricsCallback, Re
     )
     trainer.fit(PlateauModule(), loader())
     return callback, recorder, logger
+
+
+@pytest.mark.parametrize("keep_bytes", [None, 0], ids=["kept", "recomputed"])
+def test_class_conditional_total_correlation_of_the_active_latents_is_the_mean_over_classes(plateau, monkeypatch, keep_bytes):
+    """Was: with kept Jacobians the second pass dropped the labels, and every call with ``num_classes`` failed."""
+    decoder, z, jacobian = plateau
+    labels = torch.arange(z.shape[0]) % 3
+    expected = sum(naive_total_correlation(jacobian[labels == c], ACTIVE) for c in range(3)) / 3
+    if keep_bytes is not None:
+        monkeypatch.setattr("lightning_mem.evaluate.MAX_KEPT_JACOBIAN_BYTES", keep_bytes)
+    values = decoder_metrics(decoder, z, labels=labels, num_classes=3, chunk_size=5)
+    assert int(values["num_active"]) == len(ACTIVE)
+    assert float(values["active/total_correlation"]) == pytest.approx(expected, rel=RTOL)
+
+
+def test_the_callback_with_classes_logs_the_active_total_correlation(tmp_path):
+    # a class-conditional decoder is called with the labels as its condition; this one ignores it
+    callback, recorder, logger = _fit(
+        tmp_path, num_classes=3, decoder=lambda module, z, condition: module.decoder(z), reference_decoder=None
+    )
+    assert callback.num_failed == 0
+    z = documented_latents(20, LATENT_DIM, seed=0, dtype=F64)
+    labels = torch.arange(20) % 3  # the callback's labels interleave
+    jacobian = _jacobian(decoder_at(recorder.weights[4]), z)
+    expected = sum(naive_total_correlation(jacobian[labels == c], ACTIVE) for c in range(3)) / 3
+    assert logger.logged[-1][1]["mem/active/total_correlation"] == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("route", ["kept", "recomputed", "reverse"])

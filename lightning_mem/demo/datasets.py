@@ -263,9 +263,9 @@ def _expected_log_radius(radius_scales: Tensor) -> Tensor:
     """:math:`\\mathbb{E}_{\\epsilon \\sim N(0,1)}[\\log(1 + u\\epsilon)]` per scale ``u`` by Gauss-Hermite quadrature."""
     import numpy as np
 
-    nodes, weights = np.polynomial.hermite_e.hermegauss(_QUADRATURE_ORDER)
-    nodes = torch.as_tensor(nodes, dtype=torch.float64)
-    weights = torch.as_tensor(weights, dtype=torch.float64) / math.sqrt(2 * math.pi)
+    nodes_array, weights_array = np.polynomial.hermite_e.hermegauss(_QUADRATURE_ORDER)
+    nodes = torch.as_tensor(nodes_array, dtype=torch.float64)
+    weights = torch.as_tensor(weights_array, dtype=torch.float64) / math.sqrt(2 * math.pi)
     radius = (1.0 + radius_scales[:, None].to(torch.float64) * nodes[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
     return (radius.log() * weights).sum(-1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from lightning_mem._checks import check_non_negative_float, check_positive_float, check_positive_int
-from lightning_mem.decoders import InvertibleDecoder, as_decoder
+from lightning_mem.decoders import as_decoder
 from lightning_mem.functional import manifold_total_correlation
 from lightning_mem.jacobian import decoder_jacobian
 
@@ -119,7 +119,7 @@ class BetaVAE(LightningModule):
         return losses["loss"]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams["learning_rate"])
 
 
 @contextmanager
@@ -205,8 +205,9 @@ class CouplingFlow(LightningModule):
 
         def subnet(channels_in: int, channels_out: int) -> nn.Module:
             net = nn.Sequential(*_mlp([channels_in, hidden_dim, hidden_dim, channels_out]))
-            nn.init.zeros_(net[-1].weight)  # every block starts as the identity
-            nn.init.zeros_(net[-1].bias)
+            last = cast(nn.Linear, net[-1])  # (`_mlp` ends with a linear layer)
+            nn.init.zeros_(last.weight)  # every block starts as the identity
+            nn.init.zeros_(last.bias)
             return net
 
         self.inn = Ff.SequenceINN(dim)
@@ -219,7 +220,7 @@ class CouplingFlow(LightningModule):
                     self.inn.append(Fm.AllInOneBlock, subnet_constructor=subnet, permute_soft=False)
 
     @property
-    def decoder(self) -> InvertibleDecoder:
+    def decoder(self) -> nn.Module:
         """The generative direction ``z -> x`` (the flow's reverse pass), via :func:`lightning_mem.as_decoder`."""
         return as_decoder(self.inn)
 
@@ -237,17 +238,17 @@ class CouplingFlow(LightningModule):
         loss = nll
         out = {"nll": nll}
         hparams = self.hparams
-        if hparams.total_correlation_weight > 0:
-            points = z[: hparams.penalty_samples].detach()
+        if hparams["total_correlation_weight"] > 0:
+            points = z[: hparams["penalty_samples"]].detach()
             jacobian = decoder_jacobian(self.decoder, points, create_graph=True)
             total_correlation = manifold_total_correlation(jacobian).to(loss.dtype)
-            loss = loss + hparams.total_correlation_weight * total_correlation
+            loss = loss + hparams["total_correlation_weight"] * total_correlation
             out["total_correlation"] = total_correlation
-        if hparams.reconstruction_weight > 0:
+        if hparams["reconstruction_weight"] > 0:
             mask = torch.zeros(self.latent_dim, dtype=z.dtype, device=z.device)
-            mask[: hparams.core_dims] = 1.0
+            mask[: hparams["core_dims"]] = 1.0
             reconstruction = (self.decoder(z * mask) - x).square().sum(-1).mean()
-            loss = loss + hparams.reconstruction_weight * reconstruction
+            loss = loss + hparams["reconstruction_weight"] * reconstruction
             out["reconstruction"] = reconstruction
         out["loss"] = loss
         return out
@@ -261,4 +262,4 @@ class CouplingFlow(LightningModule):
         return losses["loss"]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams["learning_rate"])

@@ -9,12 +9,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO, TypedDict
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_mem._checks import check_positive_int
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "DEMO_NUM_EVALUATIONS",
     "MODELS",
+    "DemoResult",
     "LineProgressBar",
     "build_demo",
     "fit",
@@ -119,7 +121,7 @@ def fit(
     progress_bar: bool = False,
     logger: Logger | bool = False,
     callbacks: Sequence[Callback] = (),
-    precision: str | None = None,
+    precision: Literal["64-true", "32-true", "16-true", "16-mixed", "bf16-true", "bf16-mixed"] | None = None,
     log_every_n_steps: int = 10,
 ) -> Trainer:
     """Train ``module`` for ``steps`` optimizer steps on CPU with Lightning, without checkpoints or model summary.
@@ -159,7 +161,7 @@ def fit(
     return trainer
 
 
-def build_demo(model: DemoModel, *, seed: int = 0) -> tuple[LightningModule, DataLoader]:
+def build_demo(model: DemoModel, *, seed: int = 0) -> tuple[BetaVAE | CouplingFlow, DataLoader]:
     """The demo's module and training data for ``model`` (``"vae"`` or ``"flow"``), built deterministically from ``seed``.
 
     Raises:
@@ -175,6 +177,30 @@ def build_demo(model: DemoModel, *, seed: int = 0) -> tuple[LightningModule, Dat
     raise ValueError(f"Expected `model` to be one of {MODELS}, but got {model!r}.")
 
 
+class DemoResult(TypedDict):
+    """What :func:`run_demo` returns: the last evaluation's metrics, the files it wrote and its times.
+
+    ``metrics``: the callback's ``last_metrics`` (the keys of :class:`~lightning_mem.ManifoldEntropicMetrics` plus
+    ``eval_time`` and ``drift/...``); ``history``: the callback's ``[{"step", "spectrum"}]``; ``model``; ``steps``:
+    the optimizer steps taken; ``log_dir``, ``spectrum_png``, ``mutual_information_png``, ``checkpoint``: paths;
+    ``module_class``: ``"module:Class"`` of the trained module (for ``lightning-mem evaluate``);
+    ``tensorboard_command``; ``train_time_s``, ``wall_time_s``: seconds.
+    """
+
+    metrics: dict[str, Tensor]
+    history: list[dict[str, Any]]
+    model: DemoModel
+    steps: int
+    log_dir: str
+    spectrum_png: str
+    mutual_information_png: str
+    checkpoint: str
+    module_class: str
+    tensorboard_command: str
+    train_time_s: float
+    wall_time_s: float
+
+
 def run_demo(
     *,
     steps: int | None = None,
@@ -184,7 +210,7 @@ def run_demo(
     num_samples: int = 1024,
     progress_bar: bool = True,
     num_threads: int | None = 1,
-) -> dict[str, object]:
+) -> DemoResult:
     r"""Train the demo model with Lightning and :class:`~lightning_mem.ManifoldEntropicMetricsCallback`, and summarise it.
 
     .. math::
@@ -209,10 +235,8 @@ def run_demo(
         num_threads: torch intra-op threads while training (restored afterwards); ``None`` keeps the current setting.
 
     Returns:
-        ``metrics`` (the callback's ``last_metrics``: the keys of :class:`~lightning_mem.ManifoldEntropicMetrics`
-        plus ``eval_time`` and ``drift/...``), ``history`` (the callback's ``[{"step", "spectrum"}]``), ``model``,
-        ``steps``, ``log_dir``, ``spectrum_png``, ``mutual_information_png``, ``checkpoint``, ``module_class``,
-        ``tensorboard_command``, ``train_time_s``, ``wall_time_s``.
+        A :class:`DemoResult`: the last evaluation's ``metrics``, the ``history`` of spectra, the paths of the logs,
+        figures and checkpoint, and the times.
 
     Raises:
         ValueError: for an unknown ``model`` or a non-positive ``steps``/``num_samples``.

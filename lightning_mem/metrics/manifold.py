@@ -52,6 +52,10 @@ class _SumMetric(Metric):
     is_differentiable = False
     full_state_update = False
     _statistics: type[GramStatistics] | type[CrossStatistics] = GramStatistics
+    # states, made by `add_state` (torch's `Module.__getattr__` would type them `Tensor | Module`)
+    count: Tensor
+    pairwise: Tensor
+    configuration: Tensor
 
     def __init__(
         self,
@@ -111,18 +115,19 @@ class _SumMetric(Metric):
         """Move the states with the module (``.to(device)``, ``.cuda()``) but keep them float64 whatever the dtype
         asked for (``.to(torch.float16)``, ``.half()``, ``.bfloat16()``, ``set_dtype``): sums of many float64 terms and
         counts above 2048 do not survive a cast to half precision."""
-        this = super()._apply(fn, exclude_state=tuple(self._defaults))
-        for name, default in this._defaults.items():
-            this._defaults[name] = default.to(device=this.device, dtype=torch.float64)
-            setattr(this, name, getattr(this, name).to(device=this.device, dtype=torch.float64))
-        return this
+        super()._apply(fn, exclude_state=tuple(self._defaults))  # moves (and casts) this metric in place
+        for name, default in self._defaults.items():
+            if isinstance(default, Tensor):  # (every state here is one: no list states)
+                self._defaults[name] = default.to(device=self.device, dtype=torch.float64)
+                setattr(self, name, getattr(self, name).to(device=self.device, dtype=torch.float64))
+        return self
 
     def _check_compatible(self, states: dict[str, Any], source: str) -> None:
         """Raise a ``ValueError`` naming what differs between ``states`` (from ``source``) and this metric's states."""
         incoming = states.get("configuration")
         # compared in the incoming precision (a state dict cast to float32 still matches: the digest bytes are exact)
         own = self.configuration.to(device=incoming.device, dtype=incoming.dtype) if isinstance(incoming, Tensor) else None
-        if isinstance(incoming, Tensor) and incoming.shape == own.shape and not torch.equal(incoming, own):
+        if isinstance(incoming, Tensor) and own is not None and incoming.shape == own.shape and not torch.equal(incoming, own):
             names = ("latent_dim", "reference_dim", "num_classes", "eps")
             differences = [
                 f"{name} ({_setting(own[i])} here, {_setting(incoming[i])} in the {source})"
@@ -269,6 +274,10 @@ class _GramMetric(_SumMetric):
         )
         self._accumulate(statistics)
 
+    def _gram_statistics(self) -> GramStatistics:
+        """:attr:`statistics` of a metric that keeps every Gram sum (all but the pairwise-only one)."""
+        return GramStatistics(*(getattr(self, name) for name in GramStatistics._fields))
+
 
 class _EntropyMetric(_GramMetric):
     """The entropy values shared by :class:`ManifoldEntropy` and :class:`ManifoldEntropicMetrics`."""
@@ -288,7 +297,7 @@ class _EntropyMetric(_GramMetric):
 
     def _entropy_values(self) -> dict[str, Tensor]:
         self._classes_seen()
-        latent_entropy, entropy = finish_entropy(self.statistics)
+        latent_entropy, entropy = finish_entropy(self._gram_statistics())
         spectrum, order = entropy_spectrum(latent_entropy)
         return {
             "entropy": entropy,
@@ -383,7 +392,7 @@ class ManifoldTotalCorrelation(_GramMetric):
     def compute(self) -> Tensor:
         """Finish the accumulated sums."""
         self._classes_seen()
-        return finish_total_correlation(self.statistics, per_dim=self.per_dim)
+        return finish_total_correlation(self._gram_statistics(), per_dim=self.per_dim)
 
     def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
         """Value (or a sequence of values over time) as torchmetrics plots a scalar; returns ``(figure, axes)``."""
@@ -499,7 +508,7 @@ class ManifoldEntropicMetrics(_EntropyMetric):
     def compute(self) -> dict[str, Tensor]:
         """Finish the accumulated sums."""
         values = self._entropy_values()
-        total_correlation = finish_total_correlation(self.statistics)
+        total_correlation = finish_total_correlation(self._gram_statistics())
         pairwise = finish_mutual_information(self.statistics)
         active = self.active_latents(values["latent_entropy"]).mask
         values.update(
