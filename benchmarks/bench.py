@@ -14,6 +14,12 @@ package's own path: ``iter_decoder_jacobians`` (``vmap(jacfwd)`` over chunks of 
 ``ManifoldEntropicMetrics.update``, then ``compute``. The *floor* is the bare ``torch.func.vmap(torch.func.jacfwd(f))``
 over the same chunks of the same samples: the ``d`` forward-mode JVPs any exact method must pay.
 
+The decoder kinds of issue 15 (``--cases maf,ode,attention,dcgan_estimators,memory_auto_chunk``, about 4 minutes):
+zuko's MAF in both directions, an ODE decoder against its JVP floor and a transformer decoder, by the case functions of
+``examples/jacobian_benchmarks.py`` (loaded from there, CPU only); the PyTorch examples' DCGAN generator, exact metrics
+against the sampled-column estimators at equal ``N`` and at an equal JVP budget; and its peak memory with
+``chunk_size="auto"`` against ``chunk_size=None``.
+
 Within one case every method runs ``--repeats`` times in alternating order (A B C, C B A, ...) in this process; the
 table reports medians and ratios of medians. Peak memory is measured in a fresh subprocess per (case, method) with
 the resident-memory high-water mark (``VmHWM``) on CPU (``tracemalloc`` does not see torch's allocations), or with
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import itertools
 import json
 import math
@@ -38,6 +45,8 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -45,6 +54,7 @@ from torch import Tensor, nn
 from torch.func import jacfwd, vmap
 
 import lightning_mem as lm
+from lightning_mem.budget import activation_numel, auto_chunk_size, jacobian_bytes_per_sample
 from lightning_mem.evaluation import evaluate_decoder
 from lightning_mem.functional import STANDARD_NORMAL_ENTROPY, manifold_pairwise_mutual_information
 from lightning_mem.functional import gram as mem_gram
@@ -445,6 +455,223 @@ def bench_estimators(state: tuple, exact_time: float, args: argparse.Namespace, 
     }
 
 
+# ------------------------------------------------------------------------- decoder kinds of examples/jacobian_benchmarks.py
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def example_module(name: str) -> ModuleType:
+    """A script of ``examples/`` (a folder, not a package) loaded as a module, the way ``tests/test_inverse.py`` loads it."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {EXAMPLES / f'{name}.py'}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+KIND_CASES = {"maf": "maf_directions", "ode": "ode_jacobian", "attention": "attention_jacobian"}
+"""This script's case names for the case functions of ``examples/jacobian_benchmarks.py`` (``<name>_case``)."""
+
+KIND_SIZES: dict[str, dict[str, Any]] = {"attention_jacobian": {"num_samples": 128}}
+"""Sizes other than the example's defaults: the transformer's reverse-mode comparison costs 0.1-0.2 s a sample."""
+
+
+def bench_decoder_kinds(names: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The MAF, ODE and attention cases of ``examples/jacobian_benchmarks.py`` (CPU, float32 timings).
+
+    Each case function times its routes itself: medians of ``repeats`` runs, the routes in turn, after a warm-up on
+    two samples. The example's sizes (its defaults but :data:`KIND_SIZES`; ``--quick``: its ``--quick`` sizes), on the CPU
+    whatever ``--device``.
+    """
+    module = example_module("jacobian_benchmarks")
+    results = {}
+    for name in names:
+        example = KIND_CASES[name]
+        sizes = dict(module.QUICK[example]) if args.quick else {**KIND_SIZES.get(example, {}), "repeats": args.repeats}
+        log(f"[{name}] examples/jacobian_benchmarks.py {example}_case({sizes})")
+        start = time.perf_counter()
+        results[name] = {**getattr(module, f"{example}_case")(**sizes), "sizes": sizes, "run_time": time.perf_counter() - start}
+        log(f"[{name}] {results[name]}")
+    return results
+
+
+# ------------------------------------------------------------------------------- DCGAN: exact vs sampled columns
+
+
+def dcgan_case(quick: bool, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The PyTorch examples' DCGAN generator as a decoder ``R^100 -> [-1, 1]^(3 x 64 x 64)`` (random weights, eval mode).
+
+    ``--quick``: 8 instead of 64 base channels (the same shapes in and out, about 60 times fewer flops).
+    """
+    config = {"d": 100, "D": 3 * 64 * 64, "ngf": 8 if quick else 64, "N": 4 if quick else 32, "reference": 8 if quick else 64}
+    config["chunk"] = 4 if quick else 8
+    config["memory_N"] = 8 if quick else 32
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Unflatten(1, (config["d"], 1, 1)), dcgan_generator(config["d"], config["ngf"])).eval()
+    return decoder.to(device).requires_grad_(False), config
+
+
+def sampled_metrics(decoder: Callable, z: Tensor, k: int, seed: int, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-latent entropies and MPMI from ``k`` sampled columns per sample (NaN where not drawn), and each latent's draws."""
+    stats = sampled_gram_statistics(decoder, z, num_columns=k, generator=torch.Generator().manual_seed(seed), chunk_size=chunk_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # undrawn latents are NaN by design; counted by the caller
+        latent, _ = finish_sampled_entropy(stats)
+        mpmi = finish_sampled_pairwise_mutual_information(stats)
+    return latent.cpu(), mpmi.cpu(), stats.column_count.cpu()
+
+
+def rms_errors(latent: Tensor, mpmi: Tensor, exact_latent: Tensor, exact_mpmi: Tensor) -> dict[str, float]:
+    """RMS over the drawn latents (pairs) of the difference to the exact values, and the fractions drawn."""
+    d = latent.shape[0]
+    seen = ~latent.isnan()
+    pairs = ~mpmi.isnan() & ~torch.eye(d, dtype=torch.bool)
+    return {
+        "latents_drawn": float(seen.double().mean()),
+        "rms_latent_entropy": float((latent - exact_latent)[seen].square().mean().sqrt()),
+        "pairs_drawn": float(pairs.double().sum() / (d * (d - 1))),
+        "rms_mpmi": float((mpmi - exact_mpmi)[pairs].square().mean().sqrt()) if pairs.any() else math.nan,
+    }
+
+
+def bench_dcgan_estimators(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Exact metrics of the DCGAN generator against the sampled-column estimators, ``k`` in {4, 8, 16}.
+
+    - *Equal N*: exact and estimators on the same ``N`` latents; the estimators' errors are against the exact values
+      there (the error that sampling columns adds). Times: medians of alternating runs (estimators over 3 seeds).
+    - *Equal JVP budget*: the estimator on ``N d / k`` latents (``N d`` JVPs, as the exact metrics on ``N``), one
+      seed, and the exact metrics on ``N``, both against the exact values on ``reference`` other latents (their
+      own error is in the expected column).
+
+    The expected errors are those of means of ``1/2 log G_ii`` over ``m_i`` samples (the draws of latent ``i``):
+    ``s sqrt(mean_i (1/m_i - 1/N))`` against all ``N`` samples, ``s sqrt(mean_i 1/m_i + 1/reference)`` against
+    independent ones; ``s`` (one number for all latents) comes from the reference latents.
+    """
+    decoder, config = dcgan_case(args.quick, device)
+    n, d, chunk = config["N"], config["d"], config["chunk"]
+    ks = [4, 8, 16]
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(1)).to(device)
+    z_reference = torch.randn(config["reference"], d, generator=torch.Generator().manual_seed(2)).to(device)
+    z_budget = torch.randn(n * d // min(ks), d, generator=torch.Generator().manual_seed(3)).to(device)
+    log(f"[dcgan_estimators] ngf={config['ngf']} N={n} reference={config['reference']}: warming up, reference metrics")
+    lightning_mem_metrics(decoder, z[:2], chunk)
+    sampled_metrics(decoder, z[:2], 4, 0, chunk)
+    start = time.perf_counter()
+    metric = lm.ManifoldEntropicMetrics(d).to(device)
+    half_log_diag = []
+    for jacobian in lm.iter_decoder_jacobians(decoder, z_reference, chunk_size=chunk):
+        metric.update(jacobian)
+        half_log_diag.append(0.5 * jacobian.reshape(jacobian.shape[0], -1, d).double().square().sum(1).log().cpu())
+    reference = metric.compute()
+    reference_time = time.perf_counter() - start
+    spread = float(torch.cat(half_log_diag).std(0).square().mean().sqrt())  # per-sample std of 1/2 log G_ii, RMS over latents
+    reference_latent, reference_mpmi = reference["latent_entropy"].cpu(), reference["pairwise_mutual_information"].cpu()
+
+    def estimator_chunk(k: int) -> int:
+        return max(1, chunk * d // k)  # as many tangents at once as the exact path's chunk
+
+    seeds = range(3)
+    equal_n: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {k: [] for k in ks}
+
+    def mean_inverse_draws(counts: Tensor) -> float:
+        return float((1 / counts[counts > 0]).mean())
+
+    methods: dict[str, Callable[[], Any]] = {"exact": lambda: lightning_mem_metrics(decoder, z, chunk)}
+    for k in ks:
+        methods[f"k={k}"] = lambda k=k: equal_n[k].append(sampled_metrics(decoder, z, k, len(equal_n[k]) % 3, estimator_chunk(k)))
+    log(f"[dcgan_estimators] equal N: exact and k in {ks}, {args.repeats} alternating repetitions (3 seeds per k)")
+    times, results = alternate(methods, max(args.repeats, len(seeds)), device)
+    exact = results["exact"]
+    exact_latent, exact_mpmi = exact["latent_entropy"].cpu(), exact["pairwise_mutual_information"].cpu()
+    rows = []
+    for k in ks:
+        errors = [rms_errors(latent, mpmi, exact_latent, exact_mpmi) for latent, mpmi, _ in equal_n[k]]
+        expected = [spread**2 * (mean_inverse_draws(counts) - 1 / n) for _, _, counts in equal_n[k]]
+        rows.append(
+            {
+                "k": k,
+                "N": n,
+                "time": median(times[f"k={k}"]),
+                **{key: math.sqrt(statistics.mean(e[key] ** 2 for e in errors)) for key in ("rms_latent_entropy", "rms_mpmi")},
+                **{key: statistics.mean(e[key] for e in errors) for key in ("latents_drawn", "pairs_drawn")},
+                "expected": math.sqrt(statistics.mean(expected)),
+            }
+        )
+    budget_rows = [
+        {
+            "k": "exact",
+            "N": n,
+            "time": median(times["exact"]),
+            **rms_errors(exact_latent, exact_mpmi, reference_latent, reference_mpmi),
+            "expected": spread * math.sqrt(1 / n + 1 / config["reference"]),
+        }
+    ]
+    for k in ks:
+        m = n * d // k
+        log(f"[dcgan_estimators] equal JVP budget: k={k} on {m} latents")
+        sync(device)
+        start = time.perf_counter()
+        latent, mpmi, counts = sampled_metrics(decoder, z_budget[:m], k, 0, estimator_chunk(k))
+        sync(device)
+        elapsed = time.perf_counter() - start
+        budget_rows.append(
+            {
+                "k": k,
+                "N": m,
+                "time": elapsed,
+                **rms_errors(latent, mpmi, reference_latent, reference_mpmi),
+                "expected": spread * math.sqrt(mean_inverse_draws(counts) + 1 / config["reference"]),
+            }
+        )
+    return {
+        **config,
+        "exact_time": median(times["exact"]),
+        "rows": rows,
+        "budget_rows": budget_rows,
+        "spread": spread,
+        "reference_time": reference_time,
+        "mean_entropy": float(exact_latent.mean()),
+    }
+
+
+# ------------------------------------------------------------------------------------------ memory: automatic chunk
+
+
+def peak_of_dcgan(method: str, quick: bool, device: torch.device) -> dict[str, float]:
+    """One exact evaluation of the DCGAN generator on ``memory_N`` latents, chunked as ``method`` says, and its peak memory.
+
+    ``auto``: :func:`lightning_mem.budget.auto_chunk_size` (what ``chunk_size="auto"``, the callback's default, runs:
+    as many latents as its estimate fits in 1 GiB); ``unchunked``: ``chunk_size=None`` (all latents at once).
+    """
+    decoder, config = dcgan_case(quick, device)
+    z = torch.randn(config["memory_N"], config["d"], generator=torch.Generator().manual_seed(1)).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = peak_resident_bytes()
+    start = time.perf_counter()
+    chunk = auto_chunk_size(decoder, z) if method == "auto" else None
+    lightning_mem_metrics(decoder, z, chunk)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_resident_bytes()
+    per_sample = jacobian_bytes_per_sample(config["d"], config["D"], activation_numel(decoder, z), 4)
+    return {"peak": peak, "added": peak - before, "chunk": chunk or config["memory_N"], "estimate_per_sample": per_sample, "time": elapsed}
+
+
+def bench_auto_chunk_memory(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Peak memory of the DCGAN's exact evaluation with the automatic chunk and unchunked, a fresh process each."""
+    _, config = dcgan_case(args.quick, device)
+    rows = []
+    for method in ("auto", "unchunked"):
+        log(f"[memory_auto_chunk] DCGAN ngf={config['ngf']} N={config['memory_N']} {method}")
+        rows.append({"method": method, **config, **measure_peak("dcgan", method, args, device)})
+    return rows
+
+
 def bench_callback_overhead(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None:
     """Three training runs with and without the callback, alternating, medians; and the callback's own time.
 
@@ -478,7 +705,7 @@ def bench_callback_overhead(args: argparse.Namespace, device: torch.device) -> d
     from lightning.pytorch.loggers import Logger, TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lightning_mem.demo import DEFAULT_STEPS, DEMO_NUM_EVALUATIONS, DIGITS_ACTIVE_THRESHOLD, build_demo, fit, intra_op_threads
+    from lightning_mem.demo import DEFAULT_STEPS, DEMO_NUM_EVALUATIONS, build_demo, fit, intra_op_threads
 
     class SampleCounts(Logger):
         """Records the ``mem/num_samples`` of every evaluation (a second logger beside TensorBoard)."""
@@ -514,7 +741,6 @@ def bench_callback_overhead(args: argparse.Namespace, device: torch.device) -> d
                     "latents": demo_latents,
                     "every_n_train_steps": max(demo_steps // DEMO_NUM_EVALUATIONS, 1),
                     "every_n_epochs": None,
-                    "active_threshold": DIGITS_ACTIVE_THRESHOLD,
                 },
             },
         },
@@ -645,6 +871,19 @@ def examples_vae() -> tuple[Any, Any]:
     return ExamplesVAE(), tensor_dataloader(images, batch_size=128, seed=0)
 
 
+def dcgan_generator(nz: int = 100, ngf: int = 64) -> nn.Sequential:
+    """The PyTorch examples' DCGAN generator: ``(N, nz, 1, 1)`` -> ``8 ngf x 4 x 4`` -> ... -> ``ngf x 32 x 32`` -> ``3 x 64 x 64``.
+
+    ``ConvTranspose2d`` (no bias) + ``BatchNorm2d`` + ReLU per stage, tanh at the end; ``ngf`` sets the widths only.
+    """
+    layers: list[nn.Module] = []
+    channels = [nz, 8 * ngf, 4 * ngf, 2 * ngf, ngf]
+    for index, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
+        stride, padding = (1, 0) if index == 0 else (2, 1)
+        layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride, padding, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+    return nn.Sequential(*layers, nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False), nn.Tanh())
+
+
 def dcgan_generator_run() -> tuple[Any, Any]:
     """The PyTorch examples' DCGAN generator (up to 3 x 64 x 64) fitted to fixed random images by squared error, batch 64."""
     from lightning.pytorch import LightningModule
@@ -655,12 +894,7 @@ def dcgan_generator_run() -> tuple[Any, Any]:
         def __init__(self, nz: int = 100, ngf: int = 64) -> None:
             super().__init__()
             self.latent_dim = nz
-            layers: list[nn.Module] = []
-            channels = [nz, 8 * ngf, 4 * ngf, 2 * ngf, ngf]
-            for index, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
-                stride, padding = (1, 0) if index == 0 else (2, 1)
-                layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride, padding, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
-            self.generator = nn.Sequential(*layers, nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False), nn.Tanh())
+            self.generator = dcgan_generator(nz, ngf)
 
         def training_step(self, batch: Any, batch_idx: int) -> Tensor:
             (x,) = batch
@@ -694,6 +928,8 @@ def peak_resident_bytes() -> int:
 
 def peak_of(case: str, method: str, quick: bool, device: torch.device) -> dict[str, float]:
     """Run one method once and report peak memory (call in a fresh process on CPU)."""
+    if case == "dcgan":
+        return peak_of_dcgan(method, quick, device)
     decoder, z, config = build_case(case, quick, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -760,8 +996,119 @@ def seconds(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+def report_decoder_kinds(kinds: dict[str, Any], dcgan: dict | None, auto_memory: list[dict]) -> list[str]:
+    """The tables of the MAF, ODE, attention, DCGAN-estimator and automatic-chunk cases."""
+    out: list[str] = []
+    if "maf" in kinds:
+        r = kinds["maf"]
+        out += [
+            f"## MAF in both directions (zuko `MAF(features={r['d']}, transforms=3, hidden_features=(64, 64))`, float32 timings, "
+            f"medians of {r['sizes'].get('repeats', 3)} runs)",
+            "",
+            "| d | N | chunk | decoder direction, forward mode (s) | decoder direction, reverse mode (s) | fast direction: "
+            "`InverseJacobianDecoder` (s) | of which the no-gradient decode (s) | speed-up (target >= 10) | "
+            "max abs diff of J, float64 | abs diff of H, float64 (target <= 1e-8) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| {r['d']} | {r['num_samples']} | {r['chunk_size']} | {seconds(r['decoder_forward'])} | {seconds(r['decoder_reverse'])} | "
+            f"{seconds(r['fast'])} | {seconds(r['fast_sampling'])} | {r['speedup']:.0f}x {status(r['speedup'] >= 10)} | "
+            f"{r['max_abs_difference']:.1e} | {r['entropy_difference']:.1e} "
+            f"{status(r['max_abs_difference'] <= 1e-8 and r['entropy_difference'] <= 1e-8)} |",
+            "",
+        ]
+    if "ode" in kinds:
+        r = kinds["ode"]
+        out += [
+            f"## ODE decoder (`ODEDecoder`, dopri5, rtol = atol = 1e-5, MLP velocity {r['d']}+1 -> "
+            f"{r['sizes'].get('hidden', 128)} -> {r['sizes'].get('hidden', 128)} -> {r['d']}, tanh; float32, medians of "
+            f"{r['sizes'].get('repeats', 3)} runs)",
+            "",
+            "| d | N | chunk | tangent-ODE Jacobian (s) | floor: the velocity's bare JVPs (s) | Jacobian / floor | plain solve (s) | "
+            "reverse mode through the solver (s) | function evaluations: solve, Jacobian | max abs error vs expm(A), float64 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| {r['d']} | {r['num_samples']} | {r['chunk_size']} | {seconds(r['jacobian'])} | {seconds(r['floor'])} | "
+            f"{r['ratio_floor']:.2f} | {seconds(r['solve'])} | {seconds(r['loop_reverse'])} | {r['nfe_solve']}, {r['nfe_jacobian']} | "
+            f"{r['max_abs_error']:.1e} |",
+            "",
+        ]
+    if "attention" in kinds:
+        r = kinds["attention"]
+        out += [
+            f"## Attention decoder (`nn.TransformerEncoder`, 2 layers, 4 heads, {r['d']} latents as tokens -> {r['D']} outputs; "
+            f"float32, medians of {r['sizes'].get('repeats', 3)} runs)",
+            "",
+            "| d | D | N | chunk | lightning_mem forward mode (s) | floor: bare `vmap(jacfwd)` (s) | lightning_mem / floor | "
+            "reverse mode (s) | reverse / forward | max abs error vs float64 autograd |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| {r['d']} | {r['D']} | {r['num_samples']} | {r['chunk_size']} | {seconds(r['forward'])} | {seconds(r['floor'])} | "
+            f"{r['ratio_floor']:.2f} | {seconds(r['reverse'])} | {r['reverse'] / r['forward']:.0f}x | {r['max_abs_error']:.1e} |",
+            "",
+        ]
+    if dcgan:
+        out += [
+            f"## DCGAN generator (d = {dcgan['d']}, 3 x 64 x 64, ngf = {dcgan['ngf']}): exact metrics vs sampled columns",
+            "",
+            f"Per sample, 1/2 log G_ii spreads by s = {dcgan['spread']:.3f} nats (standard deviation, RMS over latents, from "
+            f"{dcgan['reference']} exact latents); mean exact H_i {dcgan['mean_entropy']:.3f} nats. Exact metrics on "
+            f"N = {dcgan['N']} latents (lightning_mem end to end, chunk {dcgan['chunk']}): {seconds(dcgan['exact_time'])} s. "
+            "The estimator has no total entropy or MTC for a decoder that is not bijective.",
+            "",
+            f"Equal N = {dcgan['N']}: errors against the exact values on the same latents (RMS over 3 seeds); expected "
+            "H_i error s sqrt(mean over the drawn latents of 1 / m_i - 1 / N), m_i the samples that drew latent i.",
+            "",
+            "| k (JVPs / sample) | time (s) | time / exact | latents drawn | RMS error H_i (drawn) | expected | pairs drawn | "
+            "RMS error MPMI (drawn pairs) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in dcgan["rows"]:
+            out.append(
+                f"| {row['k']} | {seconds(row['time'])} | {row['time'] / dcgan['exact_time']:.3f} | {row['latents_drawn']:.0%} | "
+                f"{row['rms_latent_entropy']:.4f} | {row['expected']:.4f} | {row['pairs_drawn']:.1%} | {row['rms_mpmi']:.4f} |"
+            )
+        out += [
+            "",
+            f"Equal JVP budget (N d JVPs): the estimator on N d / k latents, one seed; errors of both against the exact values on "
+            f"{dcgan['reference']} other latents, whose own Monte-Carlo error is in the expected column: "
+            f"s sqrt(mean of 1 / m_i + 1 / {dcgan['reference']}), m_i = {dcgan['N']} for the exact metrics.",
+            "",
+            "| method | latents | time (s) | time / exact | RMS error H_i | expected | pairs drawn | RMS error MPMI (drawn pairs) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in dcgan["budget_rows"]:
+            method = "exact" if row["k"] == "exact" else f"k = {row['k']}"
+            out.append(
+                f"| {method} | {row['N']} | {seconds(row['time'])} | {row['time'] / dcgan['exact_time']:.2f} | "
+                f"{row['rms_latent_entropy']:.4f} | {row['expected']:.4f} | {row['pairs_drawn']:.1%} | {row['rms_mpmi']:.4f} |"
+            )
+        out.append("")
+    if auto_memory:
+        first = auto_memory[0]
+        out += [
+            f"## Peak memory with the automatic chunk (DCGAN generator, ngf = {first['ngf']}, N = {first['memory_N']}, "
+            "exact metrics; one run per fresh process)",
+            "",
+            "| chunk_size | latents per chunk | peak (GiB) | added by the run (GiB) | budget's estimate for one chunk (GiB) | time (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in auto_memory:
+            name = '"auto" (1 GiB budget)' if row["method"] == "auto" else "None"
+            out.append(
+                f"| {name} | {row['chunk']} | {row['peak'] / GIB:.2f} | {row['added'] / GIB:.2f} | "
+                f"{row['chunk'] * row['estimate_per_sample'] / GIB:.2f} | {seconds(row['time'])} |"
+            )
+        out.append("")
+    return out
+
+
 def report(
-    rows: list[dict], sweep: list[dict], estimators: dict | None, memory: list[dict], callback: dict | None, header: list[str]
+    rows: list[dict],
+    sweep: list[dict],
+    estimators: dict | None,
+    memory: list[dict],
+    callback: dict | None,
+    header: list[str],
+    kinds: dict[str, Any] | None = None,
+    dcgan: dict | None = None,
+    auto_memory: list[dict] | None = None,
 ) -> str:
     out = ["## Machine", "", *header, ""]
     if rows:
@@ -888,15 +1235,27 @@ def report(
                     f"{seconds(case['first_use'])} s.",
                 ]
         out.append("")
+    out += report_decoder_kinds(kinds or {}, dcgan, auto_memory or [])
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> None:
+ALL_CASES = (
+    *("mlp", "conv", "flow", "sweep", "memory", "estimators", "callback"),
+    *("maf", "ode", "attention", "dcgan_estimators", "memory_auto_chunk"),
+)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Run the chosen cases, print the markdown report (and write it to ``--output``); returns the measured rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU is named in the output)")
     parser.add_argument("--quick", action="store_true", help="smaller cases, for a smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="alternating repetitions per method (default 3, quick 1)")
-    parser.add_argument("--cases", default="mlp,conv,flow,sweep,memory,estimators,callback", help="comma-separated subset")
+    parser.add_argument(
+        "--cases",
+        default=",".join(ALL_CASES),
+        help="comma-separated subset",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--callback-runs", default="demo,vae784,dcgan", help="the training runs of the callback case (comma-separated)")
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
@@ -909,11 +1268,13 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.peak_of:
         print(json.dumps(peak_of(*args.peak_of, args.quick, device)))
-        return
+        return None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available.")
     args.repeats = args.repeats or (1 if args.quick else 3)
     cases = set(args.cases.split(","))
+    if cases - set(ALL_CASES):
+        parser.error(f"--cases: expected names from {', '.join(ALL_CASES)}, got {', '.join(sorted(cases - set(ALL_CASES)))}")
     header = machine(device)
     load_before = os.getloadavg()
     start = time.perf_counter()
@@ -924,16 +1285,32 @@ def main(argv: list[str] | None = None) -> None:
     estimators = bench_estimators(flow_state, flow_row["ours"], args, device) if "estimators" in cases and flow_state is not None else None
     memory = bench_memory(args, device) if "memory" in cases else []
     callback = bench_callback_overhead(args, device) if "callback" in cases else None
+    kinds = bench_decoder_kinds([name for name in KIND_CASES if name in cases], args)
+    dcgan = bench_dcgan_estimators(args, device) if "dcgan_estimators" in cases else None
+    auto_memory = bench_auto_chunk_memory(args, device) if "memory_auto_chunk" in cases else []
+    if kinds and device.type != "cpu":
+        header.append(f"- the {', '.join(kinds)} case(s) of examples/jacobian_benchmarks.py ran on the CPU")
     header += [
         f"- repetitions: {args.repeats} per method, alternating; quick: {args.quick}",
         f"- load average (1 min) before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}; "
         f"total run time {time.perf_counter() - start:.0f} s",
     ]
-    text = report(rows, sweep, estimators, memory, callback, header)
+    text = report(rows, sweep, estimators, memory, callback, header, kinds, dcgan, auto_memory)
     print(text)
     if args.output:
         with open(args.output, "w") as handle:
             handle.write(text + "\n")
+    return {
+        "rows": rows,
+        "sweep": sweep,
+        "estimators": estimators,
+        "memory": memory,
+        "callback": callback,
+        "kinds": kinds,
+        "dcgan": dcgan,
+        "auto_memory": auto_memory,
+        "text": text,
+    }
 
 
 if __name__ == "__main__":
