@@ -140,7 +140,7 @@ class ManifoldEntropicMetricsCallback(Callback):
             estimate; ``None``: all of a process's latents at once.
         mode: Jacobian mode, see :func:`lightning_mem.decoder_jacobian`.
         std, sigma: data scale and latent scale ``(d,)`` (latents are then ``sigma * eps``).
-        eps: floor on :math:`G_{ii}` (inactive latents).
+        eps: relative floor: latent ``i`` is inactive at a sample when :math:`G_{ii} \\le \\epsilon \\max_j G_{jj}`.
         active_threshold: ``None``: a latent is active when it stands above the plateau of switched-off latents at the
             bottom of the spectrum (:func:`lightning_mem.functional.active_latents`); a float: when
             :math:`\exp(H_i - h_0)` exceeds it (see :func:`lightning_mem.functional.num_active_latents`). The active
@@ -299,6 +299,7 @@ class ManifoldEntropicMetricsCallback(Callback):
         self.total_time = 0.0
         self.max_overhead = max_overhead
         self.budget = TimeBudget(max_overhead)
+        self._tracker.clock = self._clock  # the active latents' pass is timed on the budget's clock
         """What the evaluations may cost and what they cost so far; its ``clock`` also times ``total_time``."""
         self._start_state: dict[str, Tensor] | None = None  # the weights at the start of training, until evaluated
         self._postponed_warned = False
@@ -414,6 +415,10 @@ class ManifoldEntropicMetricsCallback(Callback):
                 "training is still evaluated). Pass `every_n_epochs` or `every_n_train_steps` for a fixed interval."
             )
 
+    def _clock(self) -> float:
+        """The time budget's clock, whichever it is now (tests replace it)."""
+        return self.budget.clock()
+
     def _due(self, step: int) -> bool:
         return step in self._scheduled_steps or (self.every_n_train_steps is not None and step > 0 and step % self.every_n_train_steps == 0)
 
@@ -515,7 +520,7 @@ class ManifoldEntropicMetricsCallback(Callback):
                 try:
                     values = self._tracker.compute()
                     sampling += self._tracker.active_seconds  # (a pass over the latents too)
-                except Exception as exception:  # after the sync every rank holds the same sums, so all fail alike
+                except Exception as exception:  # after the sync every rank holds the same sums and agrees on failures: all fail alike
                     rank_zero_warn(
                         f"ManifoldEntropicMetricsCallback: the evaluation at step {step} failed ({type(exception).__name__}: {exception})."
                     )

@@ -248,7 +248,7 @@ def decoder_metrics(
             averaged over classes.
         chunk_size, mode: as for :func:`lightning_mem.decoder_jacobian`.
         std: data scale, as for :func:`lightning_mem.functional.manifold_entropy`.
-        eps: floor on :math:`G_{ii}`.
+        eps: relative floor: latent ``i`` is inactive at a sample when :math:`G_{ii} \\le \\epsilon \\max_j G_{jj}`.
         active_threshold: ``None``: the active latents are read off the spectrum's shape; a float: those with
             :math:`\exp(H_i - h_0)` above it (see :func:`lightning_mem.functional.num_active_latents`).
         progress: show the progress (on stderr).

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from lightning_mem.jacobian import JacobianMode, ModelStateGuard, call_decoder, iter_decoder_jacobian_columns, iter_decoder_jacobians
 from lightning_mem.metrics import ManifoldCrossMutualInformation, ManifoldEntropicMetrics, ManifoldTotalCorrelation
@@ -218,7 +219,18 @@ def active_total_correlation(
     if k == d and total_correlation is not None:
         return total_correlation.detach().to(torch.float64)
     sigma = None if metric.sigma is None else metric.sigma[active.to(metric.sigma.device)]
-    subspace = ManifoldTotalCorrelation(k, std=metric.std, sigma=sigma, eps=metric.eps, num_classes=metric.num_classes)
+    subspace = ManifoldTotalCorrelation(
+        k,
+        std=metric.std,
+        sigma=sigma,
+        eps=metric.eps,
+        num_classes=metric.num_classes,
+        # synced like the first pass: the same processes, the same way
+        process_group=metric.process_group,
+        dist_sync_fn=metric.dist_sync_fn,
+        distributed_available_fn=metric.distributed_available_fn,
+        sync_on_compute=metric.sync_on_compute,
+    )
     subspace = subspace.to(metric.device)  # where the other processes' states are (the sync needs them on one device)
     columns = active.nonzero().flatten()
     own_jacobian, own_columns = (callable(getattr(decoder, name, None)) for name in ("decoder_jacobian", "decoder_jacobian_columns"))
@@ -232,9 +244,27 @@ def active_total_correlation(
     else:  # a mode the columns route does not take, or a decoder with its own Jacobian but no columns method
         full = iter_decoder_jacobians(decoder, z, condition=condition, mode=mode, chunk_size=chunk_size)
         chunks = (jacobian[..., columns.to(jacobian.device)] for jacobian in full)
-    start = 0
-    for chunk in chunks:
-        rows = slice(start, start + chunk.shape[0])
-        subspace.update(chunk, None if labels is None else labels[rows])
-        start = rows.stop
+    error: Exception | None = None
+    try:
+        start = 0
+        for chunk in chunks:
+            rows = slice(start, start + chunk.shape[0])
+            subspace.update(chunk, None if labels is None else labels[rows])
+            start = rows.stop
+    except Exception as exception:  # raised below on every process alike, never left to hang the others in the sync
+        error = exception
+    _agree_on_failure(subspace, error)
     return subspace.compute().detach().cpu()
+
+
+def _agree_on_failure(metric: Metric, error: Exception | None) -> None:
+    """Raise ``error`` here, and a ``RuntimeError`` on every other process of ``metric``'s group, when any process
+    failed before the metric's sync: a process that raised alone would leave the others waiting in it forever."""
+    failed = error is not None
+    if metric.sync_on_compute and metric.distributed_available_fn():
+        flag = torch.tensor(float(failed), device=metric.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=metric.process_group)
+        if not failed and bool(flag):
+            raise RuntimeError("The total correlation of the active latents failed on another process.")
+    if error is not None:
+        raise error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 from collections.abc import Iterator
@@ -34,7 +35,8 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     A process killed at any moment leaves the old file or the new one, never half of one: ``os.replace`` is atomic
     on POSIX and Windows. The file gets the permissions a plain ``open`` would give it.
     A kill can leave the temporary file (``.<name>.<random>.partial``); the next write to the same ``path`` removes
-    such leftovers. Parent folders are created.
+    such leftovers (so two processes must not write the same file at once). Parent folders are created. There is no
+    ``fsync``: a power loss is not covered.
 
     Args:
         path: the file to write.
@@ -53,7 +55,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}."
-    for leftover in path.parent.glob(f"{prefix}*{_TEMPORARY_SUFFIX}"):  # a killed earlier write's temporary file
+    for leftover in path.parent.glob(f"{glob.escape(prefix)}*{_TEMPORARY_SUFFIX}"):  # a killed earlier write's temporary file
         leftover.unlink(missing_ok=True)
     descriptor, temporary = _create_temporary(path.parent, prefix)
     try:

@@ -23,6 +23,7 @@ from lightning_mem._checks import check_latents, check_mode, check_positive_int
 
 __all__ = [
     "DecoderStateError",
+    "JacobianMode",
     "ModelStateGuard",
     "OutputKey",
     "call_decoder",
@@ -37,6 +38,8 @@ __all__ = [
 ]
 
 JacobianMode = Literal["auto", "forward", "reverse", "loop"]
+"""How Jacobians are computed: ``torch.func`` forward or reverse mode, a plain-autograd loop, or ``auto`` (forward or
+reverse by output size, the loop where ``torch.func`` cannot trace the decoder)."""
 OutputKey = str | int
 """Which part of a decoder's output is measured: a key of a mapping output, or an index of a tuple output."""
 

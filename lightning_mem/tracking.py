@@ -22,7 +22,7 @@ from lightning_mem.jacobian import JacobianMode, OutputKey, check_latent_shape, 
 from lightning_mem.metrics import ManifoldCrossMutualInformation, ManifoldEntropicMetrics
 from lightning_mem.pictures import LatentPictures, latent_pictures
 
-__all__ = ["DecoderTracker"]
+__all__ = ["MAX_KEPT_JACOBIAN_BYTES", "PICTURE_SAMPLES", "PROBE_SAMPLES", "DecoderTracker"]
 
 PROBE_SAMPLES = 2
 """Latents the decoder is tried on in ``setup`` (:meth:`DecoderTracker.probe`), before training starts."""
@@ -84,6 +84,7 @@ class DecoderTracker:
         self.reference_decoder, self.reference_latents, self.drift = reference_decoder, reference_latents, drift
         self.chunk_size, self.mode, self.std, self.sigma, self.eps, self.seed = chunk_size, mode, std, sigma, eps, seed
         self.active_threshold = active_threshold
+        self.clock: Callable[[], float] = time.perf_counter  # the owner's clock (the callback's time budget's)
         self.previous: dict[str, Tensor] | None = None  # the decoder's state at the last evaluation (for drift)
         self.previous_jacobians: list[Tensor] | None = None  # its Jacobians at this rank's share of the latents, when kept
         self.previous_count: int | None = None  # how many of the latents (the first ones) it took; None: all
@@ -237,7 +238,7 @@ class DecoderTracker:
         the evaluation kept (no decoder call) or, when they did not fit :data:`MAX_KEPT_JACOBIAN_BYTES`, the active
         columns computed again (``|A|`` of ``d`` forward passes); its seconds are in :attr:`active_seconds`.
         """
-        begin = time.perf_counter()
+        begin = self.clock()
         _, metric = self._set_up()
         active = metric.active_latents(values["latent_entropy"]).mask
         active_values: dict[str, Tensor] = {}
@@ -259,7 +260,7 @@ class DecoderTracker:
             if f"{group}/cross_mutual_information" in values:
                 summary = active_alignment(values[f"{group}/cross_mutual_information"], active, columns)
                 active_values.update({f"active/{group}/{name}": value for name, value in summary.items()})
-        self.active_seconds = time.perf_counter() - begin
+        self.active_seconds = self.clock() - begin
         return active_values
 
     def _inputs(

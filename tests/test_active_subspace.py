@@ -369,3 +369,43 @@ def test_ddp_active_values_equal_one_process(tmp_path, keep_bytes):
     assert float(values["active/pairwise_mutual_information_mean"]) == pytest.approx(naive_pairwise(jacobian, ACTIVE)[1], rel=1e-10)
     drift = naive_alignment(naive_cross(jacobian, previous, ACTIVE, ACTIVE))
     assert float(values["active/drift/alignment"]) == pytest.approx(drift["alignment"], rel=1e-10)
+
+
+_FAILING_RANK = r"""
+import os, sys
+import torch
+import torch.distributed as dist
+from lightning_mem import ManifoldEntropicMetrics
+from lightning_mem.evaluation import active_total_correlation
+
+dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2)
+rank = dist.get_rank()
+weight = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+def decoder(z):
+    if rank == 1:
+        raise FloatingPointError("rank 1's decoder failed")
+    return z @ weight.T
+
+
+metric = ManifoldEntropicMetrics(3)
+try:
+    active_total_correlation(metric, torch.tensor([True, True, False]), decoder=decoder, z=torch.randn(4, 3, dtype=torch.float64))
+except Exception as error:
+    print(f"rank {rank}: {type(error).__name__}: {error}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_second_pass_failing_on_one_process_raises_on_every_process_instead_of_hanging(tmp_path):
+    script = tmp_path / "failing_rank.py"
+    script.write_text(_FAILING_RANK)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    processes = [
+        subprocess.Popen([sys.executable, str(script), str(rank)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert "rank 0: RuntimeError: The total correlation of the active latents failed on another process." in outputs[0], outputs[0]
+    assert "rank 1: FloatingPointError: rank 1's decoder failed" in outputs[1], outputs[1]

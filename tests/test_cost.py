@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 import subprocess
 import sys
 import warnings
@@ -364,3 +365,14 @@ def test_every_rank_takes_rank_zeros_sample_count_and_the_result_is_the_first_n_
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--ddp":
     _ddp_main(Path(sys.argv[2]))
+
+
+def test_the_tracker_times_on_the_budgets_clock_and_the_callback_still_pickles():
+    """ddp_spawn pickles the callbacks; the active latents' pass must be timed on the budget's (replaceable) clock."""
+    callback = ManifoldEntropicMetricsCallback()
+    clock = FakeClock()
+    callback.budget.clock = clock
+    clock.now = 12.5
+    assert callback._tracker.clock() == 12.5
+    restored = pickle.loads(pickle.dumps(callback))
+    assert restored._tracker.clock() == 12.5 and restored._tracker.clock.__self__ is restored

@@ -204,3 +204,18 @@ def test_bad_arguments_raise():
         estimate_manifold_entropy(decoder, z, num_columns=2, eps=0.0)
     with pytest.raises(ValueError, match="num_columns"):
         sample_latent_columns(4, 3, 4)
+
+
+def test_sampled_pairs_with_a_dead_latent_add_no_dependence_as_on_the_exact_path():
+    """A latent the decoder all but ignores (|J_2|^2 ~ 1e-14, below the floor) is inactive: its MPMI with every other
+    latent is 0 on both paths (the sampled path used to add -1/2 log(1 - rho^2) with the floored norm)."""
+    decoder = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6)).double()
+    with torch.no_grad():
+        decoder[0].weight[:, 2] *= 1e-7
+    z = torch.randn(40, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sampled = estimate_manifold_pairwise_mutual_information(decoder, z, num_columns=2)
+    exact = lm.functional.manifold_pairwise_mutual_information(autograd_jacobian(decoder, z))
+    assert torch.equal(sampled[2], torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(sampled[:, 2], torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(exact[2], sampled[2])
+    assert float(sampled.abs().sum()) > 0  # the live pairs still carry dependence

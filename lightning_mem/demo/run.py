@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "DEMO_NUM_EVALUATIONS",
     "MODELS",
+    "DemoModel",
     "DemoResult",
     "LineProgressBar",
     "build_demo",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 DemoModel = Literal["vae", "flow"]
+"""The demo's models (:data:`MODELS`)."""
 MODELS: tuple[str, ...] = ("vae", "flow")
 """``vae``: a beta-VAE on scikit-learn's 8x8 digits; ``flow``: a FrEIA coupling flow on two moons."""
 

@@ -280,8 +280,8 @@ def active_alignment(cross_mutual_information: Tensor, active: Tensor, reference
     Returns:
         The 0-dim entries of :func:`~lightning_mem.functional.alignment_summary` of the sub-block (``alignment``,
         ``num_matched``, and for a square sub-block ``self_correlation``, ``cross_mutual_information_diag``,
-        ``num_rematched``); an empty dict when no latent is active (``best_match`` indices, which would count within
-        the sub-block, are left out).
+        ``num_rematched``); an empty dict when no latent is active, or no reference latent is (``best_match``
+        indices, which would count within the sub-block, are left out).
 
     Example:
         >>> cross = torch.tensor([[3.0, 0.0, 0.1], [0.0, 3.0, 0.1], [0.1, 0.2, 0.0]])  # latent 2 is switched off

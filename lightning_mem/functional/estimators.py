@@ -270,7 +270,8 @@ def sampled_gram_statistics(
         log_diag.index_add_(0, flat_drawn, floored.log().reshape(-1))
         num_inactive.index_add_(0, flat_drawn, (diag <= eps).to(torch.float64).reshape(-1))
         pairs = (drawn[:, :, None] * d + drawn[:, None, :])[:, distinct]
-        terms = pairwise_terms(gram, floored, floored)[:, distinct]
+        live = diag > eps  # as on the exact path, a pair with an inactive column adds no dependence
+        terms = torch.where(live[:, :, None] & live[:, None, :], pairwise_terms(gram, floored, floored), 0.0)[:, distinct]
         pair_count.index_add_(0, pairs.reshape(-1), torch.ones_like(terms).reshape(-1))
         pairwise.index_add_(0, pairs.reshape(-1), terms.reshape(-1))
     return SampledGramStatistics(

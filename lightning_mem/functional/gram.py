@@ -319,8 +319,9 @@ def jacobian_gram(
 
     Returns:
         ``(N, d, d)`` float64: a float32 Jacobian is converted to float64 before it is multiplied (on CPU a few
-        samples at a time), so its products are accumulated in float64. Samples whose squared entries would
-        underflow are computed from the Jacobian divided by a power of two, then multiplied back.
+        samples at a time), so its products are accumulated in float64. The Gram matrices themselves cannot
+        hold what float64 cannot: entries below about 1e-154 underflow in them (the metric functions and classes
+        rescale such samples by a power of two and stay exact), and above about 1e154 they raise.
 
     Raises:
         TypeError, ValueError: for a Jacobian that is not a floating point ``(N, *output_shape, d)`` tensor, holds
