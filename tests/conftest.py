@@ -12,10 +12,12 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 
 __all__ = [
     "H0",
+    "CaptureLogger",
     "autograd_jacobian",
     "documented_latents",
     "free_port",
@@ -180,3 +182,32 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ loggers
+
+
+class CaptureLogger(Logger):
+    """Records every ``log_metrics`` call, by step; its experiment cannot draw figures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def scalar(self, name: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of every logged ``mem/<name>``."""
+        return [(step, metrics[f"mem/{name}"]) for step, metrics in self.logged if f"mem/{name}" in metrics]

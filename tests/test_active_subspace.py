@@ -17,9 +17,8 @@ import pytest
 import torch
 from _active_ddp import ACTIVE, INACTIVE, LATENT_DIM, NUM_SAMPLES, SEED, PlateauDecoder, PlateauModule, RecordWeights, decoder_at
 from _active_ddp import plateau_loader as loader
-from conftest import H0, autograd_jacobian, documented_latents, free_port
+from conftest import H0, CaptureLogger, autograd_jacobian, documented_latents, free_port
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.loggers import Logger
 
 from lightning_mem import ManifoldEntropicMetrics, ManifoldEntropicMetricsCallback
 from lightning_mem.evaluate import decoder_metrics
@@ -225,33 +224,13 @@ def test_decoder_metrics_report_the_total_correlation_of_the_active_latents(plat
 # ------------------------------------------------------------------------------------------------ the callback
 
 
-class _Capture(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.logged.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-
-def _fit(tmp_path: Path, **options) -> tuple[ManifoldEntropicMetricsCallback, RecordWeights, _Capture]:
+def _fit(tmp_path: Path, **options) -> tuple[ManifoldEntropicMetricsCallback, RecordWeights, CaptureLogger]:
     seed_everything(0, verbose=False)
     options.setdefault("reference_decoder", decoder_at(PlateauDecoder(seed=1).state_dict()))
     callback = ManifoldEntropicMetricsCallback(
         num_samples=20, every_n_train_steps=2, every_n_epochs=None, chunk_size=6, log_figures=False, **options
     )
-    recorder, logger = RecordWeights(), _Capture()
+    recorder, logger = RecordWeights(), CaptureLogger()
     trainer = Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",

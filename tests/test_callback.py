@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 from _callback_models import DATA_DIM, LATENT_DIM, RecordDecoder, TinyVAE, ground_truth_decoder, loader
-from conftest import documented_latents, free_port, freia_flow
+from conftest import CaptureLogger, documented_latents, free_port, freia_flow
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -97,28 +97,6 @@ def _global_rng_states() -> tuple:
 def _informational_correlation(cross: torch.Tensor) -> torch.Tensor:
     """Linfoot's informational correlation, written from its definition sqrt(1 - exp(-2 I))."""
     return torch.sqrt(1.0 - torch.exp(-2.0 * cross))
-
-
-class CaptureLogger(Logger):
-    """Records every ``log_metrics`` call; its experiment cannot draw figures."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.logged.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
 
 
 def _decoder_at(weights: dict[str, torch.Tensor], **model_options) -> nn.Module:

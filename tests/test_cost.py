@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 from _callback_models import LATENT_DIM, RecordDecoder, TinyVAE, loader
-from conftest import documented_latents, free_port
+from conftest import CaptureLogger, documented_latents, free_port
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 
 import lightning_mem.tracking
 from lightning_mem import ManifoldCrossMutualInformation, ManifoldEntropicMetrics, ManifoldEntropicMetricsCallback, decoder_jacobian
@@ -64,31 +64,6 @@ class Tick(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.clock.now += self.seconds
-
-
-class Capture(Logger):
-    """Every ``log_metrics`` call, by step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.logged.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def scalar(self, name: str) -> list[tuple[int, float]]:
-        return [(step, metrics[f"mem/{name}"]) for step, metrics in self.logged if f"mem/{name}" in metrics]
 
 
 def _cost_per_latent(monkeypatch: pytest.MonkeyPatch, clock: FakeClock, seconds: float) -> None:
@@ -182,7 +157,7 @@ def test_time_budget_credit_is_the_overhead_fraction_of_the_training_time_minus_
 
 
 def test_each_evaluation_takes_the_latents_the_credit_since_the_last_one_pays_for(tmp_path, monkeypatch):
-    clock, capture, recorder = FakeClock(), Capture(), RecordDecoder()
+    clock, capture, recorder = FakeClock(), CaptureLogger(), RecordDecoder()
     _cost_per_latent(monkeypatch, clock, 0.01)
     callback = ManifoldEntropicMetricsCallback(every_n_train_steps=4, every_n_epochs=None)
     assert callback.max_overhead == DEFAULT_MAX_OVERHEAD and callback.num_samples == 256
@@ -231,7 +206,7 @@ def test_each_evaluation_takes_the_latents_the_credit_since_the_last_one_pays_fo
 
 
 def test_an_evaluation_the_budget_cannot_pay_for_is_postponed_and_the_end_is_always_evaluated(tmp_path, monkeypatch):
-    clock, capture = FakeClock(), Capture()
+    clock, capture = FakeClock(), CaptureLogger()
     _cost_per_latent(monkeypatch, clock, 1.0)  # a latent costs as much as a training step
     callback = ManifoldEntropicMetricsCallback(every_n_train_steps=2, every_n_epochs=None)
     with pytest.warns(UserWarning, match=r"evaluation at step 2 is postponed.*even 1 latent\(s\) would cost about 1 s") as caught:
@@ -255,7 +230,7 @@ def test_explicit_latents_or_max_overhead_none_evaluate_everything_at_every_step
             if trainer.global_step == 0:
                 self.evaluations = len(callback.history)
 
-    clock, capture, seen = FakeClock(), Capture(), SeenBeforeTheFirstStep()
+    clock, capture, seen = FakeClock(), CaptureLogger(), SeenBeforeTheFirstStep()
     _cost_per_latent(monkeypatch, clock, 1.0)  # far more than any budget: without one, nothing changes
     callback = ManifoldEntropicMetricsCallback(max_overhead=None, every_n_train_steps=2, every_n_epochs=None, log_figures=False)
     with warnings.catch_warnings():
