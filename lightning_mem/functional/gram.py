@@ -279,10 +279,11 @@ def exact_gram(block: Tensor) -> tuple[Tensor, Tensor]:
     return top, lo - (top - hi)
 
 
-def gram_residual(block: Tensor, factor: Tensor) -> Tensor:
+def gram_residual(block: Tensor, factor: Tensor, gram: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """:math:`X^\\top X - R^\\top R` ``(k, d, d)`` for float64 ``X`` ``(k, n, d)`` and ``R`` ``(k, d, d)`` (e.g. its QR factor),
-    from twice-precision Gram matrices (:func:`exact_gram`) and rounded once: accurate even where the two nearly cancel."""
-    gram_hi, gram_lo = exact_gram(block)
+    from twice-precision Gram matrices (:func:`exact_gram`) and rounded once: accurate even where the two nearly cancel.
+    ``gram``: :func:`exact_gram` of ``X`` when the caller has it already."""
+    gram_hi, gram_lo = exact_gram(block) if gram is None else gram
     product_hi, product_lo = exact_gram(factor)
     difference, error = _two_sum(gram_hi, -product_hi)
     return difference + (error + (gram_lo - product_lo))

@@ -275,18 +275,18 @@ def _pairwise_sums(gram: Tensor, inverse_norms: Tensor, rows: Tensor, num_rows: 
     return sums
 
 
-def _refined_log_det(block: Tensor, factor: Tensor, valid: Tensor) -> Tensor:
+def _refined_log_det(block: Tensor, factor: Tensor, valid: Tensor, gram: tuple[Tensor, Tensor]) -> Tensor:
     """:math:`\\log\\det(X^\\top X)` ``(k,)`` to about :math:`(u\\kappa)^2`, from a float64 QR factor ``R`` of ``X``.
 
     One step of iterative refinement: :math:`X^\\top X = R^\\top R + E` with the residual :math:`E` from twice-precision
     Gram matrices (:func:`~lightning_mem.functional.gram.exact_gram`), and
     :math:`\\log\\det(X^\\top X) = \\log\\det R^\\top R + \\log\\det(I + R^{-\\top} E R^{-1})`, the last term small
     (:math:`\\approx u\\kappa`) and so accurate in float64. Columns past ``valid`` (zero) are replaced by unit ones.
-    Gives NaN for a sample whose correction is not small (left to the float64 value).
+    Gives NaN for a sample whose correction is not small (left to the float64 value). ``gram``: :func:`exact_gram` of ``X``.
     """
     d = block.shape[-1]
     pad = torch.diag_embed((~valid).to(block.dtype))
-    residual = gram_residual(block, factor)
+    residual = gram_residual(block, factor, gram)
     factor = factor + pad  # zero columns at the end: R = blockdiag(R_AA, 0) -> blockdiag(R_AA, I), E unchanged
     lower = factor.mT
     half = torch.linalg.solve_triangular(lower, residual, upper=False)
@@ -350,8 +350,9 @@ def _log_det_from_jacobian(batch: GramBatch, index: Tensor, active: Tensor) -> T
         refine = (_U * math.sqrt(big_d) / ratio[regular].amin(-1) > _REFINE_ABOVE).nonzero().squeeze(1)
         if refine.numel() and not grad and big_d >= d and d <= _REFINE_MAX_LATENTS:
             rows = regular[refine]
-            refined = _refined_log_det(block[rows], factor[rows], valid[refine])
-            exact_squared = exact_gram(block[rows])[0].diagonal(dim1=-2, dim2=-1)
+            exact = exact_gram(block[rows])  # once: for the residual and the squared column norms
+            refined = _refined_log_det(block[rows], factor[rows], valid[refine], exact)
+            exact_squared = exact[0].diagonal(dim1=-2, dim2=-1)
             refined = refined - torch.where(valid[refine], exact_squared, 1.0).log().sum(-1)
             values = values.index_put((refine,), torch.where(torch.isnan(refined), values[refine], refined))
         log_det = log_det.index_put((regular,), values)
