@@ -117,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
         "--latent-shape", type=_shape, default=None, help="shape of one latent as the decoder takes it, e.g. 100,1,1 for a DCGAN generator"
     )
     evaluate.add_argument(
+        "--image-shape",
+        type=_shape,
+        default=None,
+        help="image shape H,W or H,W,C of a flattened output (e.g. 28,28): latent pictures",
+    )
+    evaluate.add_argument(
         "--output-key",
         type=_output_key,
         default=None,
@@ -187,6 +193,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             decoder=args.decoder,
             latent_dim=args.latent_dim,
             latent_shape=args.latent_shape,
+            image_shape=args.image_shape,
             output_key=args.output_key,
             num_classes=args.num_classes,
             mode=args.mode,

@@ -27,8 +27,9 @@ from lightning_mem.files import atomic_write
 from lightning_mem.functional import DEFAULT_EPS, active_latents, entropy_spectrum
 from lightning_mem.jacobian import JacobianMode, OutputKey, check_latent_shape, check_output_key, probe_decoder
 from lightning_mem.metrics import ManifoldEntropicMetrics
-from lightning_mem.plotting import plot_mutual_information, save_figure, save_spectrum_figure
-from lightning_mem.tracking import MAX_KEPT_JACOBIAN_BYTES
+from lightning_mem.pictures import latent_pictures
+from lightning_mem.plotting import plot_latent_pictures, plot_mutual_information, save_figure, save_spectrum_figure
+from lightning_mem.tracking import MAX_KEPT_JACOBIAN_BYTES, PICTURE_SAMPLES
 
 __all__ = [
     "CURVE_METRICS",
@@ -360,6 +361,10 @@ def _jsonable(value: object) -> object:
     return value
 
 
+PICTURE_LATENTS = 5
+"""How many of the top latents ``evaluate`` draws the pictures of, for an image decoder (as many as its summary lists)."""
+
+
 @dataclass(frozen=True)
 class _Settings:
     """How every checkpoint is evaluated: the options of :func:`evaluate_checkpoint`, checked once."""
@@ -375,6 +380,7 @@ class _Settings:
     mode: JacobianMode
     double: bool
     active_threshold: float | None
+    image_shape: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         check_positive_int(self.num_samples, "num_samples")
@@ -385,6 +391,11 @@ class _Settings:
         check_mode(self.mode)
         check_output_key(self.output_key)
         object.__setattr__(self, "latent_shape", check_latent_shape(self.latent_shape, self.latent_dim))
+        if self.image_shape is not None:
+            shape = tuple(self.image_shape)
+            if len(shape) not in (2, 3) or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in shape):
+                raise ValueError(f"Expected `image_shape` to be (H, W) or (H, W, C) of positive ints, but got {self.image_shape!r}.")
+            object.__setattr__(self, "image_shape", shape)
 
     def active_level(self, latent_entropy: Sequence[float] | Tensor) -> float:
         """The entropy above which a latent of ``latent_entropy`` counts as active (infinite when all or none do)."""
@@ -442,6 +453,7 @@ def evaluate_checkpoint(
     mode: JacobianMode = "auto",
     double: bool = False,
     active_threshold: float | None = None,
+    image_shape: Sequence[int] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     r"""Evaluate a LightningModule checkpoint offline: all metrics at prior samples, a JSON report and two PNGs.
@@ -451,9 +463,11 @@ def evaluate_checkpoint(
         \text{ of the decoder's Jacobians } J(z_n)
 
     Writes ``report.json``, ``spectrum.png`` (sorted :math:`H_i`, with the active level of
-    :func:`~lightning_mem.functional.active_latents` dotted) and ``pairwise_mutual_information.png`` (active latents
-    marked) into ``out_dir`` (default: ``<checkpoint stem>_mem`` next to the checkpoint), each atomically. A folder of
-    checkpoints: :func:`evaluate_checkpoints`.
+    :func:`~lightning_mem.functional.active_latents` dotted), ``pairwise_mutual_information.png`` (active latents
+    marked) and, for a decoder whose output is an image, ``latent_columns.png`` and ``latent_traversals.png`` (what
+    each of the top latents does: :func:`~lightning_mem.pictures.latent_pictures`) into ``out_dir`` (default:
+    ``<checkpoint stem>_mem`` next to the checkpoint), each atomically. A folder of checkpoints:
+    :func:`evaluate_checkpoints`.
 
     Args:
         checkpoint: Lightning checkpoint file.
@@ -474,6 +488,8 @@ def evaluate_checkpoint(
         double: evaluate the decoder in float64 (the statistics are float64 in any case).
         active_threshold: ``None`` (default): the active latents are read off the spectrum's shape; a float: the
             absolute rule, see :func:`lightning_mem.functional.num_active_latents`.
+        image_shape: the image shape ``(H, W)`` or ``(H, W, C)`` of a flattened output, for the latent pictures
+            (an output shaped ``(C, H, W)`` or ``(H, W)`` is recognised; see :func:`lightning_mem.pictures.image_shape_of`).
         progress: show the progress over the Jacobian chunks on stderr (see :func:`decoder_metrics`).
 
     Returns:
@@ -508,7 +524,18 @@ def evaluate_checkpoint(
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
     settings = _Settings(
-        num_samples, seed, decoder, latent_dim, output_key, latent_shape, num_classes, chunk_size, mode, double, active_threshold
+        num_samples,
+        seed,
+        decoder,
+        latent_dim,
+        output_key,
+        latent_shape,
+        num_classes,
+        chunk_size,
+        mode,
+        double,
+        active_threshold,
+        image_shape,
     )
     start = time.perf_counter()
     checkpoint = Path(checkpoint)
@@ -569,6 +596,7 @@ def evaluate_checkpoints(
     mode: JacobianMode = "auto",
     double: bool = False,
     active_threshold: float | None = None,
+    image_shape: Sequence[int] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     r"""Evaluate every checkpoint of a folder (a run's ``checkpoints/``) at the same latents: the metric-vs-step curves.
@@ -598,7 +626,7 @@ def evaluate_checkpoints(
         folder: a folder of checkpoint files, or a run folder with a ``checkpoints/`` subfolder.
         module_class: the LightningModule class or its import path ``"package.module:ClassName"``.
         num_samples, seed, decoder, latent_dim, output_key, latent_shape: as for :func:`evaluate_checkpoint`.
-        num_classes, chunk_size, mode, double, active_threshold: as for :func:`evaluate_checkpoint`.
+        num_classes, chunk_size, mode, double, active_threshold, image_shape: as for :func:`evaluate_checkpoint`.
         out_dir: folder of the curves, with a subfolder per checkpoint.
         progress: a line per checkpoint on stderr, and on a terminal a bar over each one's Jacobian chunks.
 
@@ -632,7 +660,18 @@ def evaluate_checkpoints(
         D. Galperin, U. Köthe, *Analyzing Generative Models by Manifold Entropic Metrics*, AISTATS 2025.
     """
     settings = _Settings(
-        num_samples, seed, decoder, latent_dim, output_key, latent_shape, num_classes, chunk_size, mode, double, active_threshold
+        num_samples,
+        seed,
+        decoder,
+        latent_dim,
+        output_key,
+        latent_shape,
+        num_classes,
+        chunk_size,
+        mode,
+        double,
+        active_threshold,
+        image_shape,
     )
     start = time.perf_counter()
     folder = Path(folder)
@@ -712,6 +751,34 @@ def _shape_difference(expected: Mapping[str, tuple[int, ...]], actual: Mapping[s
     return f"{name} has shape {expected[name]} in the first, {actual[name]} in the second"
 
 
+def _save_latent_pictures(
+    module: LightningModule,
+    resolved: ResolvedDecoder,
+    z: Tensor,
+    labels: Tensor | None,
+    spectrum_order: Tensor,
+    settings: _Settings,
+    out: Path,
+    where: str,
+) -> dict[str, Path]:
+    """For a decoder whose output is an image: ``latent_columns.png`` and ``latent_traversals.png`` of the top
+    :data:`PICTURE_LATENTS` latents, at the first :data:`~lightning_mem.tracking.PICTURE_SAMPLES` latents (the
+    callback's figures); nothing for another decoder."""
+    rows = slice(0, PICTURE_SAMPLES)
+    condition = None if labels is None else labels[rows]
+    with evaluation_mode([module]):
+        pictures = latent_pictures(
+            resolved.function, z[rows], spectrum_order[:PICTURE_LATENTS], image_shape=settings.image_shape, condition=condition
+        )
+    if pictures is None:
+        return {}
+    files = {}
+    for kind, what in (("columns", "mean |dg/dz_i|"), ("traversals", "traversals")):
+        figure = plot_latent_pictures(pictures, kind=kind, title=f"Top latents: {what} ({where})")
+        files[f"latent_{kind}"] = save_figure(figure, out / f"latent_{kind}.png")
+    return files
+
+
 def _class_path(module_class: str | type) -> str:
     return module_class if isinstance(module_class, str) else f"{module_class.__module__}:{module_class.__qualname__}"
 
@@ -766,6 +833,7 @@ def _evaluate_module(
         active=active.mask,
     )
     mutual_information = save_figure(figure, out / "pairwise_mutual_information.png")
+    pictures = _save_latent_pictures(module, resolved, z, labels, metrics["spectrum_order"], settings, out, where)
     report = {
         "checkpoint": str(info.path),
         "module_class": _class_path(module_class),
@@ -780,7 +848,12 @@ def _evaluate_module(
         "active_threshold": settings.active_threshold,
         **{key: _jsonable(value) for key, value in metrics.items()},
         "wall_time_s": time.perf_counter() - start,
-        "files": {"report": str(out / "report.json"), "spectrum": str(spectrum), "pairwise_mutual_information": str(mutual_information)},
+        "files": {
+            "report": str(out / "report.json"),
+            "spectrum": str(spectrum),
+            "pairwise_mutual_information": str(mutual_information),
+            **{name: str(path) for name, path in pictures.items()},
+        },
     }
     _write_text_atomically(out / "report.json", json.dumps(report, indent=2))
     return report

@@ -122,6 +122,33 @@ def test_round_trip_of_a_linear_decoder_matches_the_closed_form(user_package, tm
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 1_000 < len(data) < 200_000
 
 
+def test_an_image_decoder_gets_the_latent_pictures_and_another_does_not(user_package, tmp_path):
+    """The 4 outputs of the linear decoder as a 2x2 image: ``latent_columns.png`` and ``latent_traversals.png``, listed
+    in the report (the pictures' values are those of tests/test_pictures.py); as a vector: neither."""
+    from PIL import Image
+    from user_models import LinearDecoderModule
+
+    checkpoint = _write_checkpoint(LinearDecoderModule(WEIGHT), tmp_path / "linear.ckpt", 3)
+    report = evaluate_checkpoint(
+        checkpoint, LinearDecoderModule, out_dir=tmp_path / "image", num_samples=10, image_shape=(2, 2), progress=False
+    )
+    for name in ("latent_columns", "latent_traversals"):
+        path = tmp_path / "image" / f"{name}.png"
+        assert report["files"][name] == str(path)
+        with Image.open(path) as image:
+            image.load()  # a whole PNG
+            assert image.width > 100 and image.height > 100
+    vector = evaluate_checkpoint(checkpoint, LinearDecoderModule, out_dir=tmp_path / "vector", num_samples=10, progress=False)
+    assert sorted(vector["files"]) == ["pairwise_mutual_information", "report", "spectrum"]
+    assert sorted(path.name for path in (tmp_path / "vector").iterdir()) == [
+        "pairwise_mutual_information.png",
+        "report.json",
+        "spectrum.png",
+    ]
+    with pytest.raises(ValueError, match=r"`image_shape` to be \(H, W\) or \(H, W, C\) of positive ints, but got \(2, 0\)"):
+        evaluate_checkpoint(checkpoint, LinearDecoderModule, out_dir=tmp_path / "bad", image_shape=(2, 0), progress=False)
+
+
 def test_round_trip_of_a_beta_vae_matches_a_naive_autograd_evaluation(tmp_path):
     from lightning_mem.demo.models import BetaVAE
 
