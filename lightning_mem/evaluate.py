@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from lightning_mem.files import atomic_write
 from lightning_mem.functional import DEFAULT_EPS, active_latents, entropy_spectrum
 from lightning_mem.jacobian import JacobianMode, OutputKey, check_latent_shape, check_output_key, probe_decoder
 from lightning_mem.metrics import ManifoldEntropicMetrics
-from lightning_mem.pictures import latent_pictures
+from lightning_mem.pictures import image_shape_of, latent_pictures
 from lightning_mem.plotting import plot_latent_pictures, plot_mutual_information, save_figure, save_spectrum_figure
 from lightning_mem.tracking import MAX_KEPT_JACOBIAN_BYTES, PICTURE_SAMPLES
 
@@ -456,7 +457,7 @@ def evaluate_checkpoint(
     image_shape: Sequence[int] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    r"""Evaluate a LightningModule checkpoint offline: all metrics at prior samples, a JSON report and two PNGs.
+    r"""Evaluate a LightningModule checkpoint offline: all metrics at prior samples, a JSON report and PNG figures.
 
     .. math::
         z_n \sim N(0, I_d),\ n = 1..N \quad\Rightarrow\quad H_i,\ H,\ \mathrm{MTC},\ \mathrm{MPMI}
@@ -763,13 +764,18 @@ def _save_latent_pictures(
 ) -> dict[str, Path]:
     """For a decoder whose output is an image: ``latent_columns.png`` and ``latent_traversals.png`` of the top
     :data:`PICTURE_LATENTS` latents, at the first :data:`~lightning_mem.tracking.PICTURE_SAMPLES` latents (the
-    callback's figures); nothing for another decoder."""
+    callback's figures); nothing for another decoder. Pictures are extras, as in the callback: a decoder they do not
+    suit (e.g. one that cannot decode a traversal) gets a warning, and the report is written without them."""
     rows = slice(0, PICTURE_SAMPLES)
     condition = None if labels is None else labels[rows]
-    with evaluation_mode([module]):
-        pictures = latent_pictures(
-            resolved.function, z[rows], spectrum_order[:PICTURE_LATENTS], image_shape=settings.image_shape, condition=condition
-        )
+    try:
+        with evaluation_mode([module]):
+            pictures = latent_pictures(
+                resolved.function, z[rows], spectrum_order[:PICTURE_LATENTS], image_shape=settings.image_shape, condition=condition
+            )
+    except Exception as error:
+        warnings.warn(f"No latent pictures ({type(error).__name__}: {error}).", RuntimeWarning, stacklevel=2)
+        return {}
     if pictures is None:
         return {}
     files = {}
@@ -805,7 +811,8 @@ def _evaluate_module(
     start = time.perf_counter() if start is None else start
     z = z.to(_dtype(module))
     with evaluation_mode([module]):
-        _probe(resolved.function, z, labels, resolved.name)
+        output_shape = _probe(resolved.function, z, labels, resolved.name)
+        image_shape_of(output_shape, settings.image_shape)  # a wrong `image_shape`: a named error before any Jacobian
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").unlink(missing_ok=True)  # a run killed from here on leaves no stale report beside new figures
         metrics = decoder_metrics(
@@ -924,11 +931,12 @@ def _curves_figure(reports: Sequence[Mapping[str, Any]]) -> Any:
     return figure
 
 
-def _probe(decoder: Callable, z: Tensor, labels: Tensor | None, name: str) -> None:
-    """The decoder once at two of the latents, before the Jacobians: a named error for what would fail or mislead."""
+def _probe(decoder: Callable, z: Tensor, labels: Tensor | None, name: str) -> tuple[int, ...]:
+    """The decoder once at two of the latents, before the Jacobians: a named error for what would fail or mislead;
+    the shape of one output."""
     rows = slice(0, 2)
     try:
-        probe_decoder(decoder, z[rows], None if labels is None else labels[rows], check_finite=True)
+        return tuple(probe_decoder(decoder, z[rows], None if labels is None else labels[rows], check_finite=True).shape[1:])
     except (ValueError, TypeError) as error:
         raise type(error)(f"The decoder `{name}` failed a test call: {error}") from error
     except Exception as error:

@@ -147,6 +147,10 @@ def test_an_image_decoder_gets_the_latent_pictures_and_another_does_not(user_pac
     ]
     with pytest.raises(ValueError, match=r"`image_shape` to be \(H, W\) or \(H, W, C\) of positive ints, but got \(2, 0\)"):
         evaluate_checkpoint(checkpoint, LinearDecoderModule, out_dir=tmp_path / "bad", image_shape=(2, 0), progress=False)
+    # an image shape that does not fit the 4 outputs: named before any Jacobian, and nothing is written
+    with pytest.raises(ValueError, match=r"`image_shape`.*4 entries.*but got \(3, 3\)"):
+        evaluate_checkpoint(checkpoint, LinearDecoderModule, out_dir=tmp_path / "misfit", image_shape=(3, 3), progress=False)
+    assert not any((tmp_path / "misfit").glob("*"))
 
 
 def test_round_trip_of_a_beta_vae_matches_a_naive_autograd_evaluation(tmp_path):
