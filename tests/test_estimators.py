@@ -219,3 +219,19 @@ def test_sampled_pairs_with_a_dead_latent_add_no_dependence_as_on_the_exact_path
     assert torch.equal(sampled[:, 2], torch.zeros(4, dtype=torch.float64))
     assert torch.equal(exact[2], sampled[2])
     assert float(sampled.abs().sum()) > 0  # the live pairs still carry dependence
+
+
+def test_the_sampled_floor_is_absolute_and_the_exact_one_relative():
+    """As documented: a decoder scaled by 1e-7 (every |J_i|^2 about 1e-14) has every latent inactive under the sampled
+    estimators' absolute floor eps = 1e-12, and none under the exact path's relative one."""
+    decoder = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 6)).double()
+    with torch.no_grad():
+        decoder[2].weight *= 1e-7
+        decoder[2].bias.zero_()
+    z = torch.randn(12, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    norms = autograd_jacobian(decoder, z).square().sum(1)
+    assert float(norms.max()) < 1e-12 and float(norms.min()) > 0
+    sampled = sampled_gram_statistics(decoder, z, num_columns=2)
+    torch.testing.assert_close(sampled.num_inactive, sampled.column_count)
+    exact = sampled_gram_statistics(decoder, z)
+    assert float(exact.num_inactive.sum()) == 0.0

@@ -122,7 +122,7 @@ def test_round_trip_of_a_linear_decoder_matches_the_closed_form(user_package, tm
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 1_000 < len(data) < 200_000
 
 
-def test_an_image_decoder_gets_the_latent_pictures_and_another_does_not(user_package, tmp_path):
+def test_an_image_decoder_gets_the_latent_pictures_and_another_does_not(user_package, tmp_path, monkeypatch):
     """The 4 outputs of the linear decoder as a 2x2 image: ``latent_columns.png`` and ``latent_traversals.png``, listed
     in the report (the pictures' values are those of tests/test_pictures.py); as a vector: neither."""
     from PIL import Image
@@ -147,7 +147,15 @@ def test_an_image_decoder_gets_the_latent_pictures_and_another_does_not(user_pac
     ]
     with pytest.raises(ValueError, match=r"`image_shape` to be \(H, W\) or \(H, W, C\) of positive ints, but got \(2, 0\)"):
         evaluate_checkpoint(checkpoint, LinearDecoderModule, out_dir=tmp_path / "bad", image_shape=(2, 0), progress=False)
+    # the pictures are written before the report, which is last: a report never sits beside older pictures
+    report_time = (tmp_path / "image" / "report.json").stat().st_mtime_ns
+    assert all((tmp_path / "image" / f"{name}.png").stat().st_mtime_ns <= report_time for name in ("latent_columns", "latent_traversals"))
     # an image shape that does not fit the 4 outputs: named before any Jacobian, and nothing is written
+
+    def no_metrics(*args, **kwargs):
+        raise AssertionError("the metrics were computed before the image shape was checked")
+
+    monkeypatch.setattr("lightning_mem.evaluate.decoder_metrics", no_metrics)
     with pytest.raises(ValueError, match=r"`image_shape`.*4 entries.*but got \(3, 3\)"):
         evaluate_checkpoint(checkpoint, LinearDecoderModule, out_dir=tmp_path / "misfit", image_shape=(3, 3), progress=False)
     assert not any((tmp_path / "misfit").glob("*"))

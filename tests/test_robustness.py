@@ -110,6 +110,47 @@ def test_ill_conditioned_jacobian_matches_the_closed_form_of_its_factors(s1, s2)
     torch.testing.assert_close(latent_entropy, H0 + torch.tensor(norms, dtype=F64).log(), rtol=1e-12, atol=0)
 
 
+def hadamard_mixed_jacobian(d: int, n: int, log2_smallest: int) -> tuple[Tensor, float, Tensor]:
+    """An exactly stored ill-conditioned ``(1, n, d)`` Jacobian ``J = H S T`` with its exact log-determinant:
+    ``S = diag(2^0 ... 2^log2_smallest)``, ``T`` unit upper triangular with a first row of ones (det 1, every column
+    about as long as the others), ``H`` the ``n x n`` Sylvester-Hadamard matrix (``H^T H = n I``). Every entry is a
+    sum of at most ``n`` signed powers of two within 34 binary orders: exact in float64. So
+    ``log det G = d log n + 2 sum log s_i`` and ``log G_ii = log n + log |(S T)_i|^2``."""
+    scales = torch.pow(2.0, torch.linspace(0, log2_smallest, d).round()).to(F64)
+    triangular = torch.eye(d, dtype=F64)
+    triangular[0] = 1.0
+    factor = torch.zeros(n, d, dtype=F64)
+    factor[:d] = scales[:, None] * triangular
+    hadamard = torch.ones(1, 1, dtype=F64)
+    while hadamard.shape[0] < n:
+        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)], 0)
+    log_det = d * math.log(n) + 2 * float(scales.log().sum())
+    return (hadamard @ factor)[None], log_det, math.log(n) + factor.square().sum(0).log()
+
+
+@pytest.mark.parametrize(
+    ("d", "n", "requires_grad", "bound"),
+    [
+        (256, 512, False, 1e-8),  # refined: about (u kappa)^2, "1e-8 nats at kappa = 1e12"
+        (257, 512, False, None),  # beyond 256 latents: the unrefined QR value, about u kappa
+        (8, 64, True, None),  # under autograd: the unrefined QR value too
+        (8, 64, False, 1e-8),
+    ],
+)
+def test_refinement_up_to_256_latents_and_the_documented_error_beyond_it_or_under_autograd(d, n, requires_grad, bound):
+    """Condition number about 1e11 (singular values 2^0 ... 2^-33, non-orthogonal columns of similar length)."""
+    jacobian, log_det, log_diag = hadamard_mixed_jacobian(d, n, -33)
+    condition = float(torch.linalg.cond(jacobian[0]))
+    assert condition > 1e10
+    _, entropy = manifold_entropy(jacobian.clone().requires_grad_(requires_grad))
+    total_correlation = manifold_total_correlation(jacobian.clone().requires_grad_(requires_grad))
+    entropy, total_correlation = entropy.detach(), total_correlation.detach()
+    error = abs(float(entropy) - (d * H0 + 0.5 * log_det))
+    assert error < (torch.finfo(F64).eps * condition if bound is None else bound)
+    assert relative_error(entropy, d * H0 + 0.5 * log_det) < 1e-6
+    assert abs(float(total_correlation) - 0.5 * (float(log_diag.sum()) - log_det)) == pytest.approx(error, abs=1e-9)
+
+
 @pytest.mark.parametrize(("big_d", "d", "log_smallest"), [(50, 6, -12), (8, 8, -11), (784, 3, -12), (3, 3, -10)])
 def test_ill_conditioned_wider_and_square_jacobians_have_the_exact_log_det(big_d, d, log_smallest):
     """Singular values from 1e3 down to 1e3 * 10^log_smallest, random singular vectors; square ones included."""
@@ -327,6 +368,7 @@ def test_float32_gram_of_a_real_jacobian_passes_the_checks():
     torch.testing.assert_close(manifold_entropy(gram=gram)[1], manifold_entropy(jacobian)[1], rtol=1e-5, atol=1e-5)
     metric = ManifoldEntropicMetrics(8)
     metric.update(gram=gram)
+    torch.testing.assert_close(metric.compute()["entropy"], manifold_entropy(jacobian.double())[1], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- 4. metric state integrity
@@ -396,6 +438,17 @@ def test_metrics_of_different_configuration_never_share_a_compute_group():
     torch.testing.assert_close(values["strict_latent_entropy"], alone.compute()["latent_entropy"])
     assert int(collection["strict"].diagnostics()["num_inactive_samples"].sum()) == 0
     assert int(collection["loose"].diagnostics()["num_inactive_samples"].sum()) == 7
+
+
+def test_metrics_with_another_data_scale_never_share_a_compute_group():
+    """``std`` is configuration too: each metric's values are those it gives alone."""
+    jacobian = torch.randn(10, 5, 2, generator=torch.Generator().manual_seed(7), dtype=F64)
+    collection = MetricCollection({"unit": ManifoldEntropy(2), "scaled": ManifoldEntropy(2, std=3.0)})
+    collection.update(jacobian)
+    assert sorted(sorted(group) for group in collection.compute_groups.values()) == [["scaled"], ["unit"]]
+    values = collection.compute()
+    torch.testing.assert_close(values["scaled_latent_entropy"], manifold_entropy(jacobian * 3.0)[0])
+    torch.testing.assert_close(values["unit_latent_entropy"], manifold_entropy(jacobian)[0])
 
 
 @pytest.mark.parametrize(
