@@ -93,7 +93,7 @@ def slow_savefig(self, fname, *args, **kwargs):
 def slow_dumps(*args, **kwargs):
     # the report's text: a pause first, so that a kill can land between the last figure and report.json
     mark("report")
-    time.sleep(2 * PAUSE_S)
+    time.sleep(10 * PAUSE_S)  # 0.2 s: wide enough for the triggered kill on a loaded machine
     return dumps(*args, **kwargs)
 
 
