@@ -3,8 +3,9 @@
 The clock is injected (``callback.budget.clock``): a ``Tick`` callback advances it by ``T`` seconds per training step
 and every ``evaluate_decoder`` call of the tracker by ``c`` seconds per latent it evaluates, so that the sample
 counts the callback chooses are known in advance and the tests do not depend on the machine's speed. Values are
-checked against ``ManifoldEntropicMetrics`` / ``ManifoldCrossMutualInformation`` fed by ``decoder_jacobian`` of
-copies of the decoder, on the first ``n`` of the documented latents.
+checked against ``ManifoldEntropicMetrics`` / ``ManifoldCrossMutualInformation`` fed by autograd Jacobians
+(``conftest.autograd_jacobian``, not the engine under test) of copies of the decoder, on the first ``n`` of the
+documented latents.
 
 Run as a script (``python tests/test_cost.py --ddp OUT_DIR``) it is the 2-process DDP fit of
 ``test_every_rank_takes_rank_zeros_sample_count``.
@@ -24,12 +25,12 @@ from pathlib import Path
 import pytest
 import torch
 from _callback_models import LATENT_DIM, RecordDecoder, TinyVAE, loader
-from conftest import CaptureLogger, documented_latents, free_port
+from conftest import CaptureLogger, autograd_jacobian, documented_latents, free_port
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import lightning_mem.tracking
-from lightning_mem import ManifoldCrossMutualInformation, ManifoldEntropicMetrics, ManifoldEntropicMetricsCallback, decoder_jacobian
+from lightning_mem import ManifoldCrossMutualInformation, ManifoldEntropicMetrics, ManifoldEntropicMetricsCallback
 from lightning_mem.budget import DEFAULT_MAX_OVERHEAD, FIGURE_SECONDS, TimeBudget, affordable_samples
 
 pytestmark = [
@@ -177,13 +178,14 @@ def test_each_evaluation_takes_the_latents_the_credit_since_the_last_one_pays_fo
     # the start of training, evaluated at step 4 from its kept weights, is the initial decoder at the first 8 latents
     z = documented_latents(256, LATENT_DIM, seed=SEED)
     truth = ManifoldEntropicMetrics(LATENT_DIM)
-    truth.update(decoder_jacobian(start_decoder, z[:8]))
+    truth.update(autograd_jacobian(start_decoder, z[:8]))
     expected = truth.compute()
     logged = dict(capture.logged[0][1])
     assert capture.logged[0][0] == 0
-    assert logged["mem/entropy"] == pytest.approx(float(expected["entropy"]), rel=1e-6)
-    assert logged["mem/total_correlation"] == pytest.approx(float(expected["total_correlation"]), rel=1e-5, abs=1e-7)
-    torch.testing.assert_close(callback.history[0]["spectrum"], expected["spectrum"], rtol=1e-6, atol=1e-7)
+    # float32 decoders: the truth's autograd Jacobians round in another order than the engine's (about 1e-7 relative)
+    assert logged["mem/entropy"] == pytest.approx(float(expected["entropy"]), rel=1e-5, abs=1e-6)
+    assert logged["mem/total_correlation"] == pytest.approx(float(expected["total_correlation"]), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(callback.history[0]["spectrum"], expected["spectrum"], rtol=1e-5, atol=1e-6)
 
     # drift at step 8 (16 latents) against step 4 (8 latents): on the 8 latents both took
     def decoder_at(step: int) -> torch.nn.Module:
@@ -192,17 +194,19 @@ def test_each_evaluation_takes_the_latents_the_credit_since_the_last_one_pays_fo
         return decoder.eval()
 
     cross = ManifoldCrossMutualInformation(LATENT_DIM, LATENT_DIM)
-    cross.update(decoder_jacobian(decoder_at(8), z[:8]), decoder_jacobian(decoder_at(4), z[:8]))
+    cross.update(autograd_jacobian(decoder_at(8), z[:8]), autograd_jacobian(decoder_at(4), z[:8]))
     drift = cross.compute()
     assert dict(capture.scalar("drift/self_correlation"))[8] == pytest.approx(float(drift["self_correlation"]), rel=1e-5)
     assert dict(capture.scalar("drift/alignment"))[8] == pytest.approx(float(drift["alignment"]), rel=1e-5)
     # and the last evaluation (16 latents, as at step 8): the decoder at step 12, drift over all 16
     truth = ManifoldEntropicMetrics(LATENT_DIM)
-    truth.update(decoder_jacobian(decoder_at(12), z[:16]))
-    assert float(callback.last_metrics["entropy"]) == pytest.approx(float(truth.compute()["entropy"]), rel=1e-6)
+    truth.update(autograd_jacobian(decoder_at(12), z[:16]))
+    assert float(callback.last_metrics["entropy"]) == pytest.approx(float(truth.compute()["entropy"]), rel=1e-5, abs=1e-6)
     cross = ManifoldCrossMutualInformation(LATENT_DIM, LATENT_DIM)
-    cross.update(decoder_jacobian(decoder_at(12), z[:16]), decoder_jacobian(decoder_at(8), z[:16]))
-    torch.testing.assert_close(callback.last_metrics["drift/cross_mutual_information"], cross.compute()["cross_mutual_information"])
+    cross.update(autograd_jacobian(decoder_at(12), z[:16]), autograd_jacobian(decoder_at(8), z[:16]))
+    torch.testing.assert_close(
+        callback.last_metrics["drift/cross_mutual_information"], cross.compute()["cross_mutual_information"], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_an_evaluation_the_budget_cannot_pay_for_is_postponed_and_the_end_is_always_evaluated(tmp_path, monkeypatch):
@@ -332,7 +336,7 @@ def test_every_rank_takes_rank_zeros_sample_count_and_the_result_is_the_first_n_
     decoder = TinyVAE().decoder.double()
     decoder.load_state_dict(rank0["weights"][12])
     truth = ManifoldEntropicMetrics(LATENT_DIM)
-    truth.update(decoder_jacobian(decoder.eval(), documented_latents(256, LATENT_DIM, seed=SEED, dtype=torch.float64)[:n]))
+    truth.update(autograd_jacobian(decoder.eval(), documented_latents(256, LATENT_DIM, seed=SEED, dtype=torch.float64)[:n]))
     expected = truth.compute()
     torch.testing.assert_close(rank0["last_metrics"]["entropy"], expected["entropy"], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(rank0["last_metrics"]["latent_entropy"], expected["latent_entropy"], rtol=1e-10, atol=1e-10)
